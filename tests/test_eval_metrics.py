@@ -1,0 +1,97 @@
+import math
+
+import pytest
+import torch
+
+from eval.metrics import (
+    best_em,
+    best_f1,
+    best_rouge_l,
+    exact_match,
+    f1_score,
+    kl_divergence,
+    normalize_answer,
+    rouge_l,
+    summarize,
+)
+
+
+def test_normalize_drops_case_punctuation_articles_and_spaces():
+    assert normalize_answer("  The  Eiffel-Tower, in   Paris! ") == "eiffeltower in paris"
+    assert normalize_answer("An apple a day") == "apple day"
+    # Articles are whole words only: "theater" and "anna" keep their letters.
+    assert normalize_answer("Theater of Anna") == "theater of anna"
+
+
+def test_exact_match_after_normalization():
+    assert exact_match("The Beatles.", "beatles") == 1.0
+    assert exact_match("Beatles band", "beatles") == 0.0
+
+
+def test_f1_partial_overlap():
+    # pred: {exeter, college, oxford}, gold: {exeter, college}: P = 2/3, R = 1 -> F1 = 0.8
+    assert f1_score("Exeter College, Oxford", "Exeter College") == pytest.approx(0.8)
+    assert f1_score("Oxford", "Exeter College") == 0.0
+
+
+def test_f1_counts_repeated_tokens_once_per_occurrence():
+    # overlap of "paris paris" with "paris" is 1: P = 1/2, R = 1 -> 2/3
+    assert f1_score("paris paris", "paris") == pytest.approx(2 / 3)
+
+
+def test_f1_empty_answers():
+    assert f1_score("", "the") == 1.0  # both normalize to nothing
+    assert f1_score("", "Paris") == 0.0
+
+
+def test_best_over_golds_takes_the_best_match():
+    golds = ["Exeter College", "Oxford University"]
+    assert best_f1("University of Oxford", golds) == pytest.approx(0.8)
+    assert best_em("exeter college", golds) == 1.0
+    assert best_em("Cambridge", golds) == 0.0
+    assert best_f1("anything", []) == 0.0
+
+
+def test_rouge_l_known_value():
+    # LCS("x b c d e", "x c e f") = "x c e" (3): P = 3/5, R = 3/4 -> F = 2/3
+    assert rouge_l("x b c d e", "x c e f") == pytest.approx(2 / 3)
+    assert rouge_l("paris france", "paris france") == 1.0
+    assert rouge_l("france paris", "paris") == pytest.approx(2 * 0.5 / 1.5)
+    assert best_rouge_l("x b c d e", ["zzz", "x c e f"]) == pytest.approx(2 / 3)
+
+
+def test_rouge_l_is_order_sensitive_unlike_f1():
+    assert f1_score("y x", "x y") == 1.0
+    assert rouge_l("y x", "x y") == pytest.approx(0.5)
+
+
+def test_kl_of_identical_logits_is_zero():
+    logits = torch.tensor([3.0, -1.0, 0.5, 100.0])
+    assert kl_divergence(logits, logits) == 0.0
+    # A constant shift does not change the distribution.
+    assert kl_divergence(logits, logits + 7.0) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_kl_two_class_known_value():
+    # p = softmax([0, 0]) = (1/2, 1/2); q = softmax([ln 3, 0]) = (3/4, 1/4)
+    # KL(p || q) = 1/2 ln(2/3) + 1/2 ln(2) = 1/2 ln(4/3)
+    p = torch.tensor([0.0, 0.0], dtype=torch.float64)
+    q = torch.tensor([math.log(3.0), 0.0], dtype=torch.float64)
+    assert kl_divergence(p, q) == pytest.approx(0.5 * math.log(4 / 3), rel=1e-12)
+    # KL is asymmetric: KL(q || p) = 3/4 ln(3/2) + 1/4 ln(1/2)
+    assert kl_divergence(q, p) == pytest.approx(0.75 * math.log(1.5) + 0.25 * math.log(0.5), rel=1e-12)
+
+
+def test_kl_is_stable_for_extreme_float16_logits():
+    p = torch.tensor([60000.0, -60000.0], dtype=torch.float16)
+    assert math.isfinite(kl_divergence(p, torch.zeros(2)))
+    assert kl_divergence(p, torch.zeros(2)) == pytest.approx(math.log(2.0))
+
+
+def test_summarize_mean_and_percentiles():
+    stats = summarize([4.0, 1.0, 3.0, 2.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0])
+    assert stats["mean"] == pytest.approx(5.5)
+    assert stats["p50"] == pytest.approx(5.5)
+    assert stats["p90"] == pytest.approx(9.1)  # 9 + 0.1 * (10 - 9), linear interpolation
+    assert summarize([2.0]) == {"mean": 2.0, "p50": 2.0, "p90": 2.0}
+    assert all(math.isnan(v) for v in summarize([]).values())
