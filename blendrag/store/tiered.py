@@ -1,0 +1,63 @@
+"""A stack of stores, fastest first (e.g. memory over disk), behaving as one store."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from blendrag.store.base import ChunkKV, KVStore
+
+
+class TieredStore(KVStore):
+    """Reads fall through the tiers; a hit in a slower tier is copied into every faster one.
+
+    Writes go to all tiers, so the slowest (persistent) tier holds everything and the faster ones
+    hold what fits. Per-tier counters stay in each tier's ``stats``; this store counts hits and
+    misses of the stack as a whole and mirrors the tiers' total corrupt entries and evictions.
+    """
+
+    def __init__(self, tiers: Sequence[KVStore], names: Sequence[str] | None = None) -> None:
+        super().__init__()
+        if not tiers:
+            raise ValueError("TieredStore needs at least one tier")
+        names = list(names) if names is not None else [type(t).__name__ for t in tiers]
+        if len(names) != len(tiers) or len(set(names)) != len(names):
+            raise ValueError(f"need one unique name per tier, got {names}")
+        self.tiers = list(tiers)
+        self.names = names
+
+    def get(self, key: str) -> ChunkKV | None:
+        for i, tier in enumerate(self.tiers):
+            kv = tier.get(key)
+            if kv is not None:
+                for faster in self.tiers[:i]:
+                    faster.put(key, kv)
+                self.stats["hits"] += 1
+                break
+        else:
+            self.stats["misses"] += 1
+        self._roll_up()
+        return kv
+
+    def put(self, key: str, kv: ChunkKV) -> None:
+        for tier in self.tiers:
+            tier.put(key, kv)
+        self.stats["puts"] += 1
+        self._roll_up()
+
+    def contains(self, key: str) -> bool:
+        return any(tier.contains(key) for tier in self.tiers)
+
+    def delete(self, key: str) -> None:
+        for tier in self.tiers:
+            tier.delete(key)
+
+    def nbytes(self) -> int:
+        return sum(tier.nbytes() for tier in self.tiers)
+
+    def tier_bytes(self) -> dict[str, int]:
+        """Bytes held by each tier, keyed by tier name (for metrics)."""
+        return {name: tier.nbytes() for name, tier in zip(self.names, self.tiers, strict=True)}
+
+    def _roll_up(self) -> None:
+        for name in ("corrupt", "evictions"):
+            self.stats[name] = sum(tier.stats[name] for tier in self.tiers)
