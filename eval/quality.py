@@ -1,0 +1,372 @@
+"""Quality harness: answer quality, fidelity to full prefill, and TTFT of each reuse method.
+
+    python -m eval.quality --dataset ../shared/data/musique_dev.json --n 20 \
+        --out runs/quality.json --plot runs/quality.png
+
+Every question runs ``full`` (the reference) and then each other method; blend runs once per
+(selector, recompute ratio). Chunk KV is precomputed before any timing, so TTFT measures reuse only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from tqdm import tqdm
+
+from eval.metrics import best_em, best_f1, best_rouge_l, f1_score, kl_divergence, summarize
+
+METHODS = ("full", "prefix", "reuse", "blend")
+REFERENCE = "full"
+
+Item = dict[str, Any]  # one dataset entry: {question, answers, ctxs: [{title, text}]}
+ChunkSource = Callable[[Item], list[str]]  # the plug point for a retrieval step
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One column of the results: a prefill mode, plus ratio and selector for blend."""
+
+    name: str
+    mode: str
+    ratio: float | None = None
+    selector: str | None = None
+
+
+@dataclass
+class Backend:
+    """The engine under test and the config that blend variants are derived from."""
+
+    engine: Any  # BlendEngine, or any object with precompute / prefill / generate
+    base_config: Any  # a BlendConfig (frozen dataclass)
+
+    def config_for(self, variant: Variant) -> Any:
+        if variant.mode != "blend":
+            return None
+        return dataclasses.replace(self.base_config, recompute_ratio=variant.ratio, selector=variant.selector)
+
+
+@dataclass
+class Run:
+    """What one variant produced on one question."""
+
+    answer: str
+    logits: torch.Tensor
+    stats: dict[str, Any]
+
+
+def load_backend(model: str | None) -> Backend:
+    # Imported here so that the harness (and its tests) load without the engine's heavy imports.
+    from blendrag import BlendConfig, BlendEngine
+
+    return Backend(BlendEngine.from_pretrained(path=model), BlendConfig())
+
+
+def build_variants(
+    methods: Sequence[str], ratios: Sequence[float], selectors: Sequence[str]
+) -> list[Variant]:
+    """Reference first (every other variant is compared with it), then the methods in the given order."""
+    unknown = set(methods) - set(METHODS)
+    if unknown:
+        raise ValueError(f"unknown method(s) {sorted(unknown)}; choose from {', '.join(METHODS)}")
+    variants = [Variant(REFERENCE, REFERENCE)]
+    for method in dict.fromkeys(methods):
+        if method == "blend":
+            variants += [Variant(f"blend/{s}@{r:g}", "blend", r, s) for s in selectors for r in ratios]
+        elif method != REFERENCE:
+            variants.append(Variant(method, method))
+    return variants
+
+
+def chunk_text(ctx: dict[str, str]) -> str:
+    title = ctx.get("title", "").strip()
+    return f"{title}\n{ctx['text']}" if title else ctx["text"]
+
+
+def dataset_chunks(top_k: int) -> ChunkSource:
+    """Chunks as given by the dataset (its ctxs are already ranked); a retriever would replace this."""
+    return lambda item: [chunk_text(ctx) for ctx in item["ctxs"][:top_k]]
+
+
+def load_dataset(path: Path, n: int | None) -> list[Item]:
+    items = json.loads(path.read_text())
+    if not isinstance(items, list) or not all({"question", "answers", "ctxs"} <= set(it) for it in items):
+        raise ValueError(f"{path}: expected a JSON list of {{question, answers, ctxs}} objects")
+    return items[:n]
+
+
+def clean_answer(text: str) -> str:
+    """The model keeps talking after the answer; the first line is the answer."""
+    lines = text.strip().splitlines()
+    return lines[0].strip() if lines else ""
+
+
+def run_variant(
+    backend: Backend, chunks: list[str], question: str, variant: Variant, max_new_tokens: int
+) -> Run:
+    # The ratio goes both as argument and in the config so either precedence rule gives the same run.
+    kwargs = {"mode": variant.mode, "recompute_ratio": variant.ratio, "config": backend.config_for(variant)}
+    # TTFT and first-token logits come from prefill alone; generate's own timing is not used.
+    pre = backend.engine.prefill(chunks, question, **kwargs)
+    out = backend.engine.generate(chunks, question, max_new_tokens=max_new_tokens, temperature=0.0, **kwargs)
+    return Run(clean_answer(out.text), pre.logits, dict(pre.stats))
+
+
+def score_run(run: Run, golds: list[str], ref: Run) -> dict[str, Any]:
+    n_tokens = run.stats["n_tokens"]
+    return {
+        "answer": run.answer,
+        "ttft_s": run.stats["ttft_s"],
+        "n_tokens": n_tokens,
+        "n_recomputed": run.stats["n_recomputed"],
+        "recomputed_frac": run.stats["n_recomputed"] / n_tokens if n_tokens else 0.0,
+        "cache_hits": run.stats.get("cache_hits", 0),
+        "cache_misses": run.stats.get("cache_misses", 0),
+        "f1": best_f1(run.answer, golds),
+        "em": best_em(run.answer, golds),
+        "rouge_l": best_rouge_l(run.answer, golds),
+        "same_as_full": float(run.answer == ref.answer),
+        "f1_vs_full": f1_score(run.answer, ref.answer),
+        "kl_vs_full": kl_divergence(ref.logits, run.logits),
+    }
+
+
+def evaluate_question(
+    backend: Backend, item: Item, chunks: list[str], variants: list[Variant], max_new_tokens: int
+) -> dict[str, Any]:
+    runs = {v.name: run_variant(backend, chunks, item["question"], v, max_new_tokens) for v in variants}
+    ref = runs[REFERENCE]
+    return {
+        "question": item["question"],
+        "gold": item["answers"],
+        "n_chunks": len(chunks),
+        "results": {name: score_run(run, item["answers"], ref) for name, run in runs.items()},
+    }
+
+
+def precompute_all(engine: Any, chunk_lists: list[list[str]]) -> int:
+    """Store every chunk's KV up front, so no timed prefill pays for a chunk it should find cached."""
+    return sum(engine.precompute(chunks) for chunks in tqdm(chunk_lists, desc="precompute", unit="q"))
+
+
+def evaluate(
+    backend: Backend,
+    items: list[Item],
+    variants: list[Variant],
+    chunk_source: ChunkSource,
+    max_new_tokens: int,
+) -> list[dict[str, Any]]:
+    chunk_lists = [chunk_source(item) for item in items]
+    precompute_all(backend.engine, chunk_lists)
+    if items:
+        # Warm-up (discarded), once per mode: a path's first call pays one-off costs (allocations,
+        # lazy init) that would otherwise land on the first question's TTFT.
+        first_of_mode: dict[str, Variant] = {}
+        for variant in variants:
+            first_of_mode.setdefault(variant.mode, variant)
+        for variant in first_of_mode.values():
+            run_variant(backend, chunk_lists[0], items[0]["question"], variant, 1)
+    pairs = tqdm(list(zip(items, chunk_lists, strict=True)), desc="questions", unit="q")
+    return [evaluate_question(backend, item, chunks, variants, max_new_tokens) for item, chunks in pairs]
+
+
+def _mean(values: list[float]) -> float:
+    return summarize(values)["mean"]
+
+
+def summarize_variant(
+    records: list[dict[str, Any]], variant: Variant, ref_ttft_mean: float
+) -> dict[str, Any]:
+    rows = [r["results"][variant.name] for r in records]
+
+    def col(key: str) -> list[float]:
+        return [row[key] for row in rows]
+
+    ttft = summarize(col("ttft_s"))
+    return {
+        **dataclasses.asdict(variant),
+        "n": len(rows),
+        "f1": _mean(col("f1")),
+        "em": _mean(col("em")),
+        "rouge_l": _mean(col("rouge_l")),
+        "agree_full": _mean(col("same_as_full")),
+        "kl_full": _mean(col("kl_vs_full")),
+        "f1_full": _mean(col("f1_vs_full")),
+        "ttft_mean_s": ttft["mean"],
+        "ttft_p50_s": ttft["p50"],
+        "ttft_p90_s": ttft["p90"],
+        "speedup": ref_ttft_mean / ttft["mean"] if ttft["mean"] > 0 else math.nan,
+        "recomputed_frac": _mean(col("recomputed_frac")),
+    }
+
+
+def summarize_all(records: list[dict[str, Any]], variants: list[Variant]) -> list[dict[str, Any]]:
+    ref_ttft_mean = _mean([r["results"][REFERENCE]["ttft_s"] for r in records])
+    return [summarize_variant(records, v, ref_ttft_mean) for v in variants]
+
+
+# (header, summary key, format) of each printed column
+_COLUMNS = [
+    ("variant", "name", "{}"),
+    ("n", "n", "{}"),
+    ("F1", "f1", "{:.3f}"),
+    ("EM", "em", "{:.3f}"),
+    ("RougeL", "rouge_l", "{:.3f}"),
+    ("agree", "agree_full", "{:.3f}"),
+    ("KL", "kl_full", "{:.4f}"),
+    ("F1@full", "f1_full", "{:.3f}"),
+    ("TTFT ms", "ttft_mean_s", "ms"),
+    ("p50 ms", "ttft_p50_s", "ms"),
+    ("p90 ms", "ttft_p90_s", "ms"),
+    ("speedup", "speedup", "{:.2f}x"),
+    ("recomp", "recomputed_frac", "{:.1%}"),
+]
+
+
+def _cell(value: Any, fmt: str) -> str:
+    return f"{value * 1e3:.1f}" if fmt == "ms" else fmt.format(value)
+
+
+def format_table(summary: list[dict[str, Any]]) -> str:
+    """Columns padded to their widest cell: names left-aligned, numbers right-aligned."""
+    grid = [[h for h, _, _ in _COLUMNS]] + [[_cell(row[k], f) for _, k, f in _COLUMNS] for row in summary]
+    widths = [max(len(r[i]) for r in grid) for i in range(len(_COLUMNS))]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(
+            c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        )
+
+    return "\n".join(line(cells) for cells in grid)
+
+
+def _new_figure(n_axes: int) -> tuple[Figure, list[Any]]:
+    # Figure + Agg canvas, not pyplot: no global backend state, safe inside a server or test process.
+    fig = Figure(figsize=(6.5 * n_axes, 4.8), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig, [fig.add_subplot(1, n_axes, i + 1) for i in range(n_axes)]
+
+
+def plot_quality_vs_ttft(summary: list[dict[str, Any]], path: Path) -> None:
+    """F1 against mean TTFT, one labelled point per variant (the CacheBlend paper's trade-off plot)."""
+    fig, (ax,) = _new_figure(1)
+    # One colour per method (per selector for blend); blend points are labelled with their ratio.
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for row in summary:
+        groups.setdefault(row["name"].split("@")[0], []).append(row)
+    for group, rows in groups.items():
+        xs, ys = [r["ttft_mean_s"] * 1e3 for r in rows], [r["f1"] for r in rows]
+        ax.scatter(xs, ys, marker="*" if group == REFERENCE else "o", s=80, label=group)
+        for row, x, y in zip(rows, xs, ys, strict=True):
+            label = f"{row['ratio']:g}" if row["mode"] == "blend" else row["name"]
+            ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set(xlabel="mean TTFT (ms)", ylabel="F1 vs gold", title="Quality vs time to first token")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.savefig(path, dpi=120)
+
+
+# Horizontal reference lines on the fidelity plot: the exact method and the no-recompute one.
+_REFERENCE_STYLES = {REFERENCE: "--", "reuse": ":"}
+
+
+def plot_fidelity(summary: list[dict[str, Any]], path: Path) -> None:
+    """Agreement with full and F1 against full's answer, per selector, over the recompute ratio."""
+    fig, axes = _new_figure(2)
+    blend = [row for row in summary if row["mode"] == "blend"]
+    for ax, key, label in zip(
+        axes, ("agree_full", "f1_full"), ("answer identical to full", "F1 vs full"), strict=True
+    ):
+        for selector in dict.fromkeys(row["selector"] for row in blend):
+            points = sorted((row["ratio"], row[key]) for row in blend if row["selector"] == selector)
+            ax.plot(*zip(*points, strict=True), marker="o", label=f"blend/{selector}")
+        for ref in (row for row in summary if row["mode"] in _REFERENCE_STYLES):
+            ax.axhline(ref[key], linestyle=_REFERENCE_STYLES[ref["mode"]], color="gray", label=ref["name"])
+        ax.set(xlabel="recompute ratio", ylabel=label, ylim=(-0.02, 1.02))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.savefig(path, dpi=120)
+
+
+def fidelity_path(plot_path: Path) -> Path:
+    return plot_path.with_name(f"{plot_path.stem}_fidelity.png")
+
+
+def _json_safe(value: Any) -> Any:
+    # NaN/inf (a broken engine's logits, an empty run) are not valid JSON: write them as null.
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def _float_list(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x.strip()]
+
+
+def _name_list(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m eval.quality", description=__doc__.splitlines()[0])
+    p.add_argument("--dataset", type=Path, required=True, help="JSON list of {question, answers, ctxs}")
+    p.add_argument("--n", type=int, default=None, help="first N questions (default: all)")
+    p.add_argument("--top-k", type=int, default=6, help="chunks per question")
+    p.add_argument("--methods", type=_name_list, default=list(METHODS), help="comma-separated")
+    p.add_argument(
+        "--ratios", type=_float_list, default=[0.05, 0.1, 0.15, 0.3], help="blend recompute ratios"
+    )
+    p.add_argument("--selectors", type=_name_list, default=["deviation"], help="blend token selectors")
+    p.add_argument("--model", default=None, help="local checkpoint dir (default: the engine's default model)")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--out", type=Path, default=None, help="write records and summary as JSON")
+    p.add_argument("--plot", type=Path, default=None, help="F1-vs-TTFT PNG; also writes <stem>_fidelity.png")
+    return p.parse_args(argv)
+
+
+def write_outputs(
+    args: argparse.Namespace, summary: list[dict[str, Any]], records: list[dict[str, Any]]
+) -> None:
+    if args.out:
+        settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+        report = {"settings": settings, "summary": summary, "records": records}
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(_json_safe(report), indent=1, allow_nan=False))
+    if args.plot:
+        args.plot.parent.mkdir(parents=True, exist_ok=True)
+        plot_quality_vs_ttft(summary, args.plot)
+        plot_fidelity(summary, fidelity_path(args.plot))
+
+
+def main(
+    argv: Sequence[str] | None = None, backend_factory: Callable[[str | None], Backend] = load_backend
+) -> int:
+    args = parse_args(argv)
+    try:
+        variants = build_variants(args.methods, args.ratios, args.selectors)
+        items = load_dataset(args.dataset, args.n)
+    except (ValueError, OSError) as err:
+        raise SystemExit(f"error: {err}") from None
+    backend = backend_factory(args.model)
+    records = evaluate(backend, items, variants, dataset_chunks(args.top_k), args.max_new_tokens)
+    summary = summarize_all(records, variants)
+    print(format_table(summary))
+    write_outputs(args, summary, records)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
