@@ -361,6 +361,12 @@ def main(
     except (ValueError, OSError) as err:
         raise SystemExit(f"error: {err}") from None
     backend = backend_factory(args.model)
+    try:
+        # A bad ratio or selector should fail now, not after minutes of precompute.
+        for variant in variants:
+            backend.config_for(variant)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
     records = evaluate(backend, items, variants, dataset_chunks(args.top_k), args.max_new_tokens)
     summary = summarize_all(records, variants)
     print(format_table(summary))

@@ -23,6 +23,10 @@ class FakeConfig:
     gradual_layers: int = 0
     first_k: int = 0
 
+    def __post_init__(self) -> None:
+        if self.selector not in ("deviation", "random"):
+            raise ValueError(f"unknown selector {self.selector!r}")
+
 
 class FakeEngine:
     """Deterministic stand-in: quality and TTFT depend only on mode and recompute ratio.
@@ -172,3 +176,10 @@ def test_malformed_dataset_is_a_clean_error(tmp_path):
     bad.write_text(json.dumps([{"question": "q"}]))
     with pytest.raises(SystemExit, match="expected a JSON list"):
         _run_main(["--dataset", str(bad)], FakeEngine())
+
+
+def test_bad_selector_fails_before_any_engine_work(dataset):
+    engine = FakeEngine()
+    with pytest.raises(SystemExit, match="unknown selector 'bogus'"):
+        _run_main(["--dataset", str(dataset), "--selectors", "deviation,bogus"], engine)
+    assert engine.log == []
