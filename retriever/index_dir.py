@@ -1,0 +1,85 @@
+"""An index directory opened as one consistent whole: SQLite rows, FAISS vectors and metadata.
+
+Layout: ``chunks.sqlite`` (source of truth), ``vectors.faiss`` (derived from the embedding
+blobs, may lag), ``kv/`` (default KV store of the engine). Opening reconciles FAISS with SQLite,
+so readers never see a vector without a chunk or a chunk without a vector.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from blendrag.errors import BlendRAGError
+
+from .docstore import DB_NAME, DocStore
+from .vector_index import VectorIndex
+
+VECTORS_NAME = "vectors.faiss"
+KV_DIR_NAME = "kv"
+
+
+class IndexDir:
+    def __init__(self, path: Path, create: bool = False):
+        self.path = Path(path)
+        if not create and not (self.path / DB_NAME).is_file():
+            raise BlendRAGError(f"{self.path}: no index here (build one with `blendrag index`)")
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.docstore = DocStore(self.path)
+        self.meta = self.docstore.meta()
+        self.vectors: VectorIndex | None = None
+
+    def close(self) -> None:
+        self.docstore.close()
+
+    def __enter__(self) -> IndexDir:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def check_fingerprint(self, fingerprint: str) -> None:
+        built_with = self.meta.get("fingerprint")
+        if built_with is not None and built_with != fingerprint:
+            raise BlendRAGError(
+                f"{self.path}: index was built with model {built_with}, not the loaded model {fingerprint}; "
+                "use the same --model or index into a new --index-dir"
+            )
+
+    def check_embedder(self, name: str) -> None:
+        built_with = self.meta.get("embedder")
+        if built_with is not None and built_with != name:
+            raise BlendRAGError(f"{self.path}: index was embedded with {built_with}, not {name}")
+
+    def sync_vectors(self, n_expected: int = 0, hnsw_threshold: int | None = None) -> None:
+        """Make FAISS hold exactly the vectors of the SQLite rows, from the stored embedding blobs.
+
+        With ``hnsw_threshold`` the kind (flat or HNSW) is chosen for ``n_expected`` vectors and a
+        mismatching index is rebuilt; without it the stored kind is kept (readers never switch).
+        """
+        dim = int(self.meta["dim"])
+        truth = self.docstore.chunk_ids()
+        current = self.vectors or self._load_vectors()
+        hnsw = current is not None and current.is_hnsw
+        if hnsw_threshold is not None:
+            hnsw = max(len(truth), n_expected) >= hnsw_threshold
+        have = current.ids() if current is not None else set()
+        stale = sorted(have - truth)
+        # HNSW graphs cannot drop nodes: removing from one means rebuilding it.
+        if current is None or current.is_hnsw != hnsw or (stale and hnsw):
+            current, have, stale = VectorIndex.empty(dim, hnsw), set(), []
+        if stale:
+            current.remove(stale)
+        current.add(*self.docstore.vectors(truth - have, dim))
+        self.vectors = current
+
+    def save_vectors(self) -> None:
+        self.vectors.save(self.path / VECTORS_NAME)
+
+    def _load_vectors(self) -> VectorIndex | None:
+        path = self.path / VECTORS_NAME
+        if not path.is_file():
+            return None
+        try:
+            return VectorIndex.load(path)
+        except RuntimeError:  # damaged from outside (writes are atomic): rebuilt from SQLite
+            return None
