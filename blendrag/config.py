@@ -1,0 +1,49 @@
+"""The knobs of blending, in one small frozen dataclass (``dataclasses.replace`` makes variants)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+Mode = Literal["full", "prefix", "reuse", "blend"]
+MODES: tuple[str, ...] = ("full", "prefix", "reuse", "blend")
+Selector = Literal["deviation", "attention", "attention_deviation"]
+SELECTORS: tuple[str, ...] = ("deviation", "attention", "attention_deviation")
+
+
+@dataclass(frozen=True)
+class BlendConfig:
+    """How ``blend`` picks the chunk tokens it recomputes.
+
+    recompute_ratio: share of chunk tokens recomputed in the layers after the check layer.
+    check_layer: layers ``0..check_layer-1`` run on every token, and at ``check_layer`` every
+        token's K/V is computed fresh and scored; only the selected tokens go on.
+    selector: the score tokens are ranked by at the check layer.
+        ``deviation``: CacheBlend's ||V_fresh - V_cached||^2 over heads and head dim.
+        ``attention``: attention weight the question's queries give each token (query-aware).
+        ``attention_deviation``: their product, an estimate of each token's error contribution
+        to the question's attention output.
+    gradual_layers: extra filter layers after the check layer (CacheBlend's gradual filtering):
+        the kept share halves at each, from ``ratio * 2**g`` down to ``ratio``.
+    first_k: always recompute the first k tokens of every chunk (EPIC's fix for the attention
+        sink each separately prefilled chunk learns); they count against the ratio.
+    """
+
+    recompute_ratio: float = 0.15
+    check_layer: int = 1
+    selector: Selector = "deviation"
+    gradual_layers: int = 0
+    first_k: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.recompute_ratio <= 1.0:
+            raise ValueError(f"recompute_ratio must be in [0, 1], got {self.recompute_ratio}")
+        if self.check_layer < 0 or self.gradual_layers < 0 or self.first_k < 0:
+            raise ValueError("check_layer, gradual_layers and first_k must be >= 0")
+        if self.selector not in SELECTORS:
+            raise ValueError(f"selector must be one of {SELECTORS}, got {self.selector!r}")
+
+    def keep_ratios(self) -> list[tuple[int, float]]:
+        """(layer, share of chunk tokens kept after it) for each filter layer."""
+        g = self.gradual_layers
+        return [(self.check_layer + j, min(1.0, self.recompute_ratio * 2 ** (g - j))) for j in range(g + 1)]

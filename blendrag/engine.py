@@ -1,0 +1,299 @@
+"""``BlendEngine``: chunk KV precompute, the four prefill modes, and decoding.
+
+Chunk KV ("segments") is computed once and kept in a ``KVStore``. A segment is a run of tokens
+computed right after a *context* (tokens that precede it at precompute time and whose KV it
+attended to). By default every chunk's context is the prompt prefix (system prompt + instruction):
+the chunk then sees the same attention sink as in a real prompt instead of learning one on its
+own first token, and the first chunk of a prompt is *exact* (same tokens, same positions, same
+context as in a full prefill). The prefix itself is a segment with an empty context.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+import numpy as np
+import torch
+
+from .config import MODES, BlendConfig, Mode
+from .forward import run_layers
+from .kvbuffer import KVBuffer
+from .loading import LoadedModel, blendrag_home, load_model
+from .prompt import PromptFormat, RAGPrompt
+from .rope import Rotary
+from .sampling import Detokenizer, Sampler, SamplingParams
+from .selection import make_filters
+from .store import KVStore, open_store
+from .store.base import ChunkKV
+
+ChunkContext = Literal["prefix", "none"]
+
+
+@dataclass
+class Prefill:
+    logits: torch.Tensor  # next-token logits at the last prompt position, [vocab], fp32
+    stats: dict
+    prompt: RAGPrompt
+    kv: KVBuffer = field(repr=False)
+
+
+@dataclass
+class Generation:
+    text: str
+    token_ids: list[int]
+    stats: dict
+    finish_reason: str  # "stop" (EOS or stop string) or "length"
+
+
+class GenerationStream:
+    """Iterate for text pieces; ``result`` holds the ``Generation`` once iteration ends."""
+
+    def __init__(self, pieces: Iterator[str | Generation]) -> None:
+        self._pieces = pieces
+        self.result: Generation | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        for item in self._pieces:
+            if isinstance(item, Generation):
+                self.result = item
+            elif item:
+                yield item
+
+
+class BlendEngine:
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        store: KVStore,
+        config: BlendConfig | None = None,
+        prompt_format: PromptFormat | None = None,
+        chunk_context: ChunkContext = "prefix",
+    ) -> None:
+        self.model = loaded.model
+        self.tokenizer = loaded.tokenizer
+        self.fingerprint = loaded.fingerprint
+        self.model_path = loaded.path
+        self.store = store
+        self.config = config or BlendConfig()
+        self.prompt_format = prompt_format or PromptFormat(self.tokenizer)
+        self.chunk_context = chunk_context
+        self.rotary = Rotary(loaded.config, self.model.args.head_dim)
+        self.dtype = next(self.model.parameters()).dtype
+        self.eos_ids = _eos_ids(loaded)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | None = None,
+        *,
+        store: KVStore | str | None = None,
+        config: BlendConfig | None = None,
+        dtype: torch.dtype = torch.float32,
+        threads: int | None = None,
+        chunk_context: ChunkContext = "prefix",
+        prompt_format: PromptFormat | None = None,
+    ) -> BlendEngine:
+        """Load a Llama-family checkpoint (default: the embedded SmolLM2-135M-Instruct).
+
+        ``store`` is a ``KVStore`` or a spec for ``open_store`` (None: memory in front of
+        ``$BLENDRAG_HOME/kv``)."""
+        if threads is not None:
+            torch.set_num_threads(threads)
+        if store is None or isinstance(store, str):
+            store = open_store(store or str(blendrag_home() / "kv"))
+        loaded = load_model(path, dtype)
+        pf = prompt_format or PromptFormat(loaded.tokenizer)
+        return cls(loaded, store, config, pf, chunk_context)
+
+    # ---- chunk KV -------------------------------------------------------------------------
+
+    def _context_ids(self) -> list[int]:
+        return self.prompt_format.prefix_ids if self.chunk_context == "prefix" else []
+
+    def _segment_key(self, context: list[int], ids: list[int]) -> str:
+        h = hashlib.sha256(self.fingerprint.encode())
+        h.update(np.asarray(context, dtype=np.int64).tobytes())
+        h.update(b"|")
+        h.update(np.asarray(ids, dtype=np.int64).tobytes())
+        return h.hexdigest()
+
+    def chunk_key(self, text: str) -> str:
+        """Store key of a chunk's KV (fingerprint, chunk context and token ids)."""
+        return self._segment_key(self._context_ids(), self.prompt_format.chunk_ids(text))
+
+    def _segment(self, context: list[int], ids: list[int]) -> tuple[ChunkKV, bool]:
+        """A segment's KV from the store, computed and stored on a miss. Returns (kv, hit)."""
+        key = self._segment_key(context, ids)
+        kv = self.store.get(key)
+        if kv is not None and kv.n_tokens == len(ids) and kv.n_layers == self.model.args.n_layers:
+            return kv, True
+        kv = self._compute_segment(context, ids)
+        self.store.put(key, kv)
+        return kv, False
+
+    @torch.inference_mode()
+    def _compute_segment(self, context: list[int], ids: list[int]) -> ChunkKV:
+        buf = KVBuffer(self.model.args, len(context) + len(ids), self.dtype)
+        if context:
+            buf.place(0, self._segment([], context)[0], self.rotary)
+        buf.length = len(context) + len(ids)
+        positions = torch.arange(len(context), buf.length)
+        out = run_layers(self.model, self.rotary, buf, torch.tensor(ids), positions, capture=True)
+        return ChunkKV(torch.stack(out.captured_k), torch.stack(out.captured_v))
+
+    def precompute(self, texts: list[str]) -> int:
+        """Compute and store the KV of every chunk not yet in the store; returns how many."""
+        context, computed = self._context_ids(), 0
+        for text in texts:
+            computed += not self._segment(context, self.prompt_format.chunk_ids(text))[1]
+        return computed
+
+    def has_kv(self, text: str) -> bool:
+        return self.store.contains(self.chunk_key(text))
+
+    # ---- prefill ----------------------------------------------------------------------------
+
+    def _resolve_config(self, recompute_ratio: float | None, config: BlendConfig | None) -> BlendConfig:
+        cfg = config or self.config
+        return cfg if recompute_ratio is None else replace(cfg, recompute_ratio=recompute_ratio)
+
+    @torch.inference_mode()
+    def prefill(
+        self,
+        chunks: list[str],
+        question: str,
+        mode: Mode = "blend",
+        recompute_ratio: float | None = None,
+        config: BlendConfig | None = None,
+        max_new_tokens: int = 0,
+    ) -> Prefill:
+        """Build the RAG prompt and prefill it; ``logits`` are for the first answer token."""
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        cfg = self._resolve_config(recompute_ratio, config)
+        start = time.perf_counter()
+        prompt = self.prompt_format.build(chunks, question)
+        ids = torch.tensor(prompt.ids)
+        buf = KVBuffer(self.model.args, len(ids) + max_new_tokens, self.dtype)
+        buf.length = len(ids)
+        positions, filters, hits, misses = self._plan(mode, cfg, prompt, buf)
+        out = run_layers(self.model, self.rotary, buf, ids[positions], positions, filters)
+        logits = self.model.logits(out.last_hidden)
+        stats = {
+            "mode": mode,
+            "n_tokens": len(ids),
+            "n_recomputed": out.n_active_per_layer[-1],
+            "compute_fraction": sum(out.n_active_per_layer) / (len(ids) * len(out.n_active_per_layer)),
+            "cache_hits": hits,
+            "cache_misses": misses,
+            "ttft_s": time.perf_counter() - start,
+        }
+        return Prefill(logits, stats, prompt, buf)
+
+    def _plan(self, mode: Mode, cfg: BlendConfig, prompt: RAGPrompt, buf: KVBuffer):
+        """Place reused KV in ``buf``; return (positions to compute, filters, hits, misses)."""
+        n = len(prompt.ids)
+        if mode == "full":
+            return torch.arange(n), None, 0, 0
+        buf.place(0, self._segment([], prompt.prefix)[0], self.rotary)
+        exact_first = self.chunk_context == "prefix" and prompt.prefix == self.prompt_format.prefix_ids
+        if mode == "prefix":
+            reused, counts = len(prompt.prefix), (0, 0)
+            if exact_first and prompt.chunks:
+                first, hit = self._segment(prompt.prefix, prompt.chunks[0])
+                buf.place(reused, first, self.rotary)
+                reused, counts = reused + first.n_tokens, (int(hit), int(not hit))
+            return torch.arange(reused, n), None, *counts
+        hits = misses = 0
+        context = self._context_ids()
+        for offset, chunk in zip(prompt.chunk_offsets(), prompt.chunks, strict=True):
+            kv, hit = self._segment(context, chunk)
+            buf.place(offset, kv, self.rotary)
+            hits, misses = hits + hit, misses + (not hit)
+        if mode == "reuse":
+            return torch.arange(prompt.suffix_start, n), None, hits, misses
+        return (*self._blend_plan(cfg, prompt, exact_first), hits, misses)
+
+    def _blend_plan(self, cfg: BlendConfig, prompt: RAGPrompt, exact_first: bool):
+        # An exact first chunk needs no recompute at all: it starts after the same prefix.
+        skip = len(prompt.chunks[0]) if exact_first and prompt.chunks else 0
+        positions = torch.arange(len(prompt.prefix) + skip, len(prompt.ids))
+        forced = torch.tensor(
+            [
+                o + j
+                for o, c in zip(prompt.chunk_offsets(), prompt.chunks, strict=True)
+                for j in range(min(cfg.first_k, len(c)))
+            ],
+            dtype=torch.long,
+        )
+        n_chunk_tokens = prompt.suffix_start - len(prompt.prefix)
+        return positions, make_filters(cfg, n_chunk_tokens, prompt.suffix_start, forced)
+
+    # ---- decoding ---------------------------------------------------------------------------
+
+    def generate(self, chunks: list[str], question: str, **kwargs) -> Generation:
+        """Prefill (see ``prefill``) then decode; keyword arguments as ``stream``."""
+        stream = self.stream(chunks, question, **kwargs)
+        for _ in stream:
+            pass
+        assert stream.result is not None
+        return stream.result
+
+    def stream(
+        self,
+        chunks: list[str],
+        question: str,
+        mode: Mode = "blend",
+        recompute_ratio: float | None = None,
+        config: BlendConfig | None = None,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop: list[str] | tuple[str, ...] = (),
+    ) -> GenerationStream:
+        """Prefill lazily on first iteration, then yield text pieces as they are decoded."""
+        params = SamplingParams(max_new_tokens, temperature, top_p, seed, tuple(stop))
+        return GenerationStream(self._decode(chunks, question, mode, recompute_ratio, config, params))
+
+    @torch.inference_mode()
+    def _decode(self, chunks, question, mode, recompute_ratio, config, params: SamplingParams):
+        pre = self.prefill(chunks, question, mode, recompute_ratio, config, params.max_new_tokens)
+        sample, detok = Sampler(params), Detokenizer(self.tokenizer, params.stop)
+        start, finish = time.perf_counter(), "length"
+        logits = pre.logits
+        for _ in range(params.max_new_tokens):
+            token = sample(logits)
+            if token in self.eos_ids:
+                finish = "stop"
+                break
+            yield detok.add(token)
+            if detok.stopped:
+                finish = "stop"
+                break
+            logits = self._step(pre.kv, token)
+        yield detok.flush()
+        stats = dict(pre.stats, n_generated=len(detok.ids), decode_s=time.perf_counter() - start)
+        yield Generation(detok.text, detok.ids, stats, finish)
+
+    def _step(self, buf: KVBuffer, token: int) -> torch.Tensor:
+        position = buf.length
+        buf.length += 1
+        out = run_layers(self.model, self.rotary, buf, torch.tensor([token]), torch.tensor([position]))
+        return self.model.logits(out.last_hidden)
+
+
+def _eos_ids(loaded: LoadedModel) -> set[int]:
+    ids = {loaded.tokenizer.eos_token_id}
+    gen_eos = getattr(loaded.config, "eos_token_id", None)
+    ids.update(gen_eos if isinstance(gen_eos, list) else [gen_eos])
+    for token in ("<|im_end|>", "<|eot_id|>", "<|endoftext|>"):
+        tid = loaded.tokenizer.convert_tokens_to_ids(token)
+        if isinstance(tid, int) and tid != loaded.tokenizer.unk_token_id:
+            ids.add(tid)
+    ids.discard(None)
+    return ids

@@ -1,0 +1,70 @@
+"""Which chunk tokens ``blend`` recomputes: the filters it installs at its check layer(s)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .config import BlendConfig
+from .forward import Filter, LayerView
+
+
+def deviation_scores(view: LayerView) -> torch.Tensor:
+    """CacheBlend's KV deviation: ||V_fresh - V_cached||^2 summed over heads and head dim."""
+    return (view.v_fresh - view.v_old).float().pow(2).sum(dim=(0, 2))
+
+
+def question_attention(view: LayerView, question_rows: torch.Tensor) -> torch.Tensor:
+    """Attention weight, averaged over heads and question tokens, that the question's queries
+    give each buffer position at this layer: ``[kv.length]``."""
+    q = view.q[:, question_rows].float()
+    keys = view.kv.keys(view.layer).float()
+    keys = keys.repeat_interleave(q.shape[0] // keys.shape[0], dim=0)
+    scores = q @ keys.transpose(1, 2) / math.sqrt(q.shape[-1])
+    q_pos = view.positions[question_rows]
+    future = torch.arange(keys.shape[1], device=q.device)[None, :] > q_pos[:, None]
+    scores = scores.masked_fill(future, float("-inf"))
+    return scores.softmax(dim=-1).mean(dim=(0, 1))
+
+
+def token_scores(config: BlendConfig, view: LayerView, question_rows: torch.Tensor) -> torch.Tensor:
+    """Score of every active row (higher = recompute first)."""
+    if config.selector == "deviation":
+        return deviation_scores(view)
+    attention = question_attention(view, question_rows)[view.positions]
+    if config.selector == "attention":
+        return attention
+    return attention * deviation_scores(view).sqrt()
+
+
+def make_filters(
+    config: BlendConfig,
+    n_chunk_tokens: int,
+    suffix_start: int,
+    forced_positions: torch.Tensor,
+) -> dict[int, Filter]:
+    """Filters for ``run_layers``: at each filter layer keep the question rows, the forced
+    positions (EPIC's first-k) and the top-scored chunk rows, up to that layer's budget."""
+    filters: dict[int, Filter] = {}
+    for layer, share in config.keep_ratios():
+        if share >= 1.0:
+            continue
+        budget = round(share * n_chunk_tokens)
+        filters[layer] = _filter(config, budget, suffix_start, forced_positions)
+    return filters
+
+
+def _filter(config: BlendConfig, budget: int, suffix_start: int, forced_positions: torch.Tensor) -> Filter:
+    def keep(view: LayerView) -> torch.Tensor:
+        is_question = view.positions >= suffix_start
+        question_rows = is_question.nonzero().flatten()
+        forced = torch.isin(view.positions, forced_positions) & ~is_question
+        scores = token_scores(config, view, question_rows)
+        # Forced rows first, question rows never compete: they are always kept.
+        scores = scores.masked_fill(forced, float("inf")).masked_fill(is_question, float("-inf"))
+        n_chunk_rows = int((~is_question).sum())
+        chosen = scores.topk(min(budget, n_chunk_rows)).indices
+        return torch.cat([chosen, question_rows]).sort().values
+
+    return keep

@@ -1,0 +1,225 @@
+"""Blending invariants on tiny random-weight models (fast) and the real SmolLM2 (slow)."""
+
+from dataclasses import replace
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from blendrag import BlendConfig, BlendEngine
+from blendrag.forward import run_layers
+from blendrag.kvbuffer import KVBuffer
+from blendrag.store import DiskStore, MemoryStore
+
+CHUNKS = [
+    "The lighthouse at Varden Point was built in 1871 by the engineer Hilde Marsk.",
+    "Marsk trained at the Bergen technical school and later designed three harbours.",
+    "In 1903 the lamp was replaced by a Fresnel lens made in Paris.",
+]
+QUESTION = "Who built the lighthouse at Varden Point?"
+
+
+def test_blend_at_ratio_one_equals_full(tiny_engine):
+    full = tiny_engine.prefill(CHUNKS, QUESTION, mode="full")
+    blend = tiny_engine.prefill(CHUNKS, QUESTION, mode="blend", recompute_ratio=1.0)
+    torch.testing.assert_close(blend.logits, full.logits, atol=1e-4, rtol=1e-4)
+    assert blend.stats["n_recomputed"] == full.stats["n_tokens"] - len(full.prompt.prefix) - len(
+        full.prompt.chunks[0]
+    )
+    g_full = tiny_engine.generate(CHUNKS, QUESTION, mode="full", max_new_tokens=12)
+    g_blend = tiny_engine.generate(CHUNKS, QUESTION, mode="blend", recompute_ratio=1.0, max_new_tokens=12)
+    assert g_blend.token_ids == g_full.token_ids
+
+
+def test_prefix_mode_is_exact(tiny_engine):
+    full = tiny_engine.prefill(CHUNKS, QUESTION, mode="full")
+    prefix = tiny_engine.prefill(CHUNKS, QUESTION, mode="prefix")
+    torch.testing.assert_close(prefix.logits, full.logits, atol=1e-4, rtol=1e-4)
+    assert prefix.stats["n_recomputed"] == full.stats["n_tokens"] - full.prompt.chunk_offsets()[1]
+
+
+def test_reuse_equals_blend_at_ratio_zero_when_checking_layer_zero(tiny_engine):
+    reuse = tiny_engine.prefill(CHUNKS, QUESTION, mode="reuse")
+    blend = tiny_engine.prefill(
+        CHUNKS, QUESTION, mode="blend", config=BlendConfig(recompute_ratio=0.0, check_layer=0)
+    )
+    torch.testing.assert_close(blend.logits, reuse.logits, atol=1e-5, rtol=1e-5)
+    assert blend.stats["n_recomputed"] == reuse.stats["n_recomputed"] == len(reuse.prompt.suffix)
+
+
+def test_reuse_differs_from_full(tiny_engine):
+    """Guards the tests above: with several chunks, reuse really is approximate here."""
+    full = tiny_engine.prefill(CHUNKS, QUESTION, mode="full")
+    reuse = tiny_engine.prefill(CHUNKS, QUESTION, mode="reuse")
+    assert (reuse.logits - full.logits).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("selector", ["deviation", "attention", "attention_deviation"])
+@pytest.mark.parametrize("ratio", [0.0, 0.3])
+def test_question_always_recomputed_and_budget_respected(tiny_engine, selector, ratio):
+    cfg = BlendConfig(recompute_ratio=ratio, selector=selector, first_k=2, gradual_layers=1)
+    pre = tiny_engine.prefill(CHUNKS, QUESTION, mode="blend", config=cfg)
+    p = pre.prompt
+    n_chunk = p.suffix_start - len(p.prefix)
+    assert pre.stats["n_recomputed"] == len(p.suffix) + round(ratio * n_chunk)
+
+
+def test_first_k_tokens_are_forced(tiny_engine, monkeypatch):
+    """With first_k and a budget that only fits them, exactly those positions are kept."""
+    kept = {}
+    import blendrag.engine as engine_mod
+
+    real = engine_mod.run_layers
+
+    def spy(model, rotary, kv, ids, positions, filters=None, capture=False):
+        wrapped = {}
+        for layer, f in (filters or {}).items():
+
+            def w(view, f=f, layer=layer):
+                keep = f(view)
+                kept[layer] = view.positions[keep].tolist()
+                return keep
+
+            wrapped[layer] = w
+        return real(model, rotary, kv, ids, positions, wrapped, capture)
+
+    monkeypatch.setattr(engine_mod, "run_layers", spy)
+    prompt = tiny_engine.prompt_format.build(CHUNKS, QUESTION)
+    n_chunk = prompt.suffix_start - len(prompt.prefix)
+    cfg = BlendConfig(recompute_ratio=3 * 2 / n_chunk, first_k=2)
+    tiny_engine.prefill(CHUNKS, QUESTION, mode="blend", config=cfg)
+    forced = [o + j for o in prompt.chunk_offsets()[1:] for j in range(2)]
+    question = list(range(prompt.suffix_start, len(prompt.ids)))
+    kept_positions = kept[1]
+    assert set(forced) <= set(kept_positions)
+    assert set(question) <= set(kept_positions)
+
+
+@pytest.mark.parametrize("variant", ["llama", "llama3", "qwen3"])
+def test_realigned_keys_equal_fresh_keys_at_new_offset(tiny_dirs, variant):
+    """Chunk KV computed at positions 0.. and moved to offset 1000 equals what transformers
+    computes for the same tokens at positions 1000.. (every layer, K and V)."""
+    engine = BlendEngine.from_pretrained(
+        str(tiny_dirs[variant]), store=MemoryStore(1 << 28), chunk_context="none"
+    )
+    ids = engine.prompt_format.chunk_ids(CHUNKS[1])
+    stored, _ = engine._segment([], ids)
+    offset = 1000
+    buf = KVBuffer(engine.model.args, offset + len(ids), engine.dtype)
+    buf.place(offset, stored, engine.rotary)
+    hf = AutoModelForCausalLM.from_pretrained(tiny_dirs[variant], dtype=torch.float32).eval()
+    with torch.no_grad():
+        cache = hf(
+            torch.tensor([ids]), position_ids=torch.arange(offset, offset + len(ids))[None]
+        ).past_key_values
+    for layer in range(engine.model.args.n_layers):
+        torch.testing.assert_close(
+            buf.k[layer, :, offset:], cache.layers[layer].keys[0], atol=1e-4, rtol=1e-4
+        )
+        torch.testing.assert_close(
+            buf.v[layer, :, offset:], cache.layers[layer].values[0], atol=1e-4, rtol=1e-4
+        )
+
+
+def test_recomputed_token_never_attends_to_later_positions(tiny_engine):
+    """Active tokens at positions 5 and 10 in a 40-slot buffer: whatever lies after position 10
+    must not change their output (a bottom-right mask would let them see it)."""
+    args = tiny_engine.model.args
+    ids = torch.tensor([11, 12])
+    positions = torch.tensor([5, 10])
+    outs = []
+    for seed in (0, 1):
+        g = torch.Generator().manual_seed(seed)
+        buf = KVBuffer(args, 40, torch.float32)
+        buf.k[:, :, :5].normal_(generator=torch.Generator().manual_seed(7))
+        buf.v[:, :, :5].normal_(generator=torch.Generator().manual_seed(8))
+        buf.k[:, :, 11:].normal_(generator=g)
+        buf.v[:, :, 11:].normal_(generator=g)
+        buf.length = 40
+        outs.append(run_layers(tiny_engine.model, tiny_engine.rotary, buf, ids, positions).last_hidden)
+    torch.testing.assert_close(outs[0], outs[1], atol=0, rtol=0)
+
+
+def test_full_mode_ignores_the_store(tiny_dirs):
+    store = MemoryStore(1 << 28)
+    engine = BlendEngine.from_pretrained(str(tiny_dirs["llama"]), store=store)
+    engine.prefill(CHUNKS, QUESTION, mode="full")
+    assert store.nbytes() == 0
+
+
+def test_corrupt_disk_entry_is_recomputed(tiny_dirs, tmp_path):
+    engine = BlendEngine.from_pretrained(str(tiny_dirs["llama"]), store=DiskStore(tmp_path / "kv"))
+    first = engine.prefill(CHUNKS, QUESTION, mode="reuse")
+    assert first.stats["cache_misses"] == 3
+    victim = next((tmp_path / "kv").rglob(f"{engine.chunk_key(CHUNKS[2])}*"))
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    again = engine.prefill(CHUNKS, QUESTION, mode="reuse")
+    assert again.stats["cache_hits"] == 2 and again.stats["cache_misses"] == 1
+    assert engine.store.stats["corrupt"] == 1
+    torch.testing.assert_close(again.logits, first.logits)
+
+
+def test_kv_of_another_model_is_never_used(tiny_dirs):
+    store = MemoryStore(1 << 28)
+    a = BlendEngine.from_pretrained(str(tiny_dirs["llama"]), store=store)
+    b = BlendEngine.from_pretrained(str(tiny_dirs["llama3"]), store=store)
+    assert a.fingerprint != b.fingerprint
+    a.precompute(CHUNKS)
+    assert all(a.has_kv(c) for c in CHUNKS) and not any(b.has_kv(c) for c in CHUNKS)
+    assert b.prefill(CHUNKS, QUESTION, mode="reuse").stats["cache_misses"] == 3
+
+
+def test_precompute_then_hits(tiny_dirs):
+    engine = BlendEngine.from_pretrained(str(tiny_dirs["llama"]), store=MemoryStore(1 << 28))
+    assert engine.precompute(CHUNKS) == 3
+    assert engine.precompute(CHUNKS) == 0
+    stats = engine.prefill(CHUNKS, QUESTION, mode="blend").stats
+    assert (stats["cache_hits"], stats["cache_misses"]) == (3, 0)
+
+
+def test_stream_pieces_join_to_text_and_respect_limits(tiny_engine):
+    stream = tiny_engine.stream(CHUNKS, QUESTION, max_new_tokens=10)
+    pieces = list(stream)
+    assert "".join(pieces) == stream.result.text
+    assert len(stream.result.token_ids) <= 10
+
+
+def test_stop_string_cuts_text(tiny_engine):
+    full = tiny_engine.generate(CHUNKS, QUESTION, max_new_tokens=16)
+    assert len(full.text) > 4, "tiny model produced too little text for this test"
+    stop = full.text[2:4]
+    cut = tiny_engine.generate(CHUNKS, QUESTION, max_new_tokens=16, stop=[stop])
+    assert cut.text == full.text[: full.text.find(stop)]
+    assert cut.finish_reason == "stop"
+
+
+def test_sampling_is_reproducible_with_seed(tiny_engine):
+    kw = dict(max_new_tokens=8, temperature=1.0, top_p=0.9, seed=3)
+    a = tiny_engine.generate(CHUNKS, QUESTION, **kw)
+    b = tiny_engine.generate(CHUNKS, QUESTION, **kw)
+    c = tiny_engine.generate(CHUNKS, QUESTION, **dict(kw, seed=4))
+    assert a.token_ids == b.token_ids
+    assert a.token_ids != c.token_ids
+
+
+def test_bad_config_is_rejected():
+    with pytest.raises(ValueError):
+        BlendConfig(recompute_ratio=1.5)
+    with pytest.raises(ValueError):
+        replace(BlendConfig(), selector="magic")
+
+
+@pytest.mark.slow
+def test_smollm2_blend_at_ratio_one_equals_full_on_musique(smol_engine, musique):
+    item = musique[0]
+    chunks = [c["text"] for c in item["ctxs"][:3]]
+    full = smol_engine.generate(chunks, item["question"], mode="full", max_new_tokens=16)
+    blend = smol_engine.generate(
+        chunks, item["question"], mode="blend", recompute_ratio=1.0, max_new_tokens=16
+    )
+    assert blend.text == full.text
+    a = smol_engine.prefill(chunks, item["question"], mode="full").logits
+    b = smol_engine.prefill(chunks, item["question"], mode="blend", recompute_ratio=1.0).logits
+    torch.testing.assert_close(b, a, atol=1e-3, rtol=1e-3)
