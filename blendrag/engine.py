@@ -47,6 +47,7 @@ class Generation:
     token_ids: list[int]
     stats: dict
     finish_reason: str  # "stop" (EOS or stop string) or "length"
+    first_logits: torch.Tensor = field(repr=False)  # the prefill's logits, for quality metrics
 
 
 class GenerationStream:
@@ -278,7 +279,7 @@ class BlendEngine:
             logits = self._step(pre.kv, token)
         yield detok.flush()
         stats = dict(pre.stats, n_generated=len(detok.ids), decode_s=time.perf_counter() - start)
-        yield Generation(detok.text, detok.ids, stats, finish)
+        yield Generation(detok.text, detok.ids, stats, finish, pre.logits)
 
     def _step(self, buf: KVBuffer, token: int) -> torch.Tensor:
         position = buf.length

@@ -39,7 +39,7 @@ class Variant:
     name: str
     mode: str
     ratio: float | None = None
-    selector: str | None = None
+    selector: str | None = None  # a config spec: "deviation" or "attention,check_layer=2,first_k=4"
 
 
 @dataclass
@@ -52,7 +52,24 @@ class Backend:
     def config_for(self, variant: Variant) -> Any:
         if variant.mode != "blend":
             return None
-        return dataclasses.replace(self.base_config, recompute_ratio=variant.ratio, selector=variant.selector)
+        return dataclasses.replace(
+            self.base_config, recompute_ratio=variant.ratio, **parse_spec(variant.selector)
+        )
+
+
+def parse_spec(spec: str | None) -> dict[str, Any]:
+    """``"attention,check_layer=2"`` -> ``{"selector": "attention", "check_layer": 2}``."""
+    overrides: dict[str, Any] = {}
+    for part in filter(None, (p.strip() for p in (spec or "").split(","))):
+        key, sep, value = part.partition("=")
+        if not sep:
+            overrides["selector"] = key
+            continue
+        try:
+            overrides[key] = int(value)
+        except ValueError:
+            overrides[key] = float(value) if value.replace(".", "", 1).isdigit() else value
+    return overrides
 
 
 @dataclass
@@ -64,11 +81,12 @@ class Run:
     stats: dict[str, Any]
 
 
-def load_backend(model: str | None) -> Backend:
+def load_backend(model: str | None, kv_store: str | None = None, chunk_context: str = "prefix") -> Backend:
     # Imported here so that the harness (and its tests) load without the engine's heavy imports.
     from blendrag import BlendConfig, BlendEngine
 
-    return Backend(BlendEngine.from_pretrained(path=model), BlendConfig())
+    engine = BlendEngine.from_pretrained(path=model, store=kv_store, chunk_context=chunk_context)
+    return Backend(engine, BlendConfig())
 
 
 def build_variants(
@@ -115,10 +133,9 @@ def run_variant(
 ) -> Run:
     # The ratio goes both as argument and in the config so either precedence rule gives the same run.
     kwargs = {"mode": variant.mode, "recompute_ratio": variant.ratio, "config": backend.config_for(variant)}
-    # TTFT and first-token logits come from prefill alone; generate's own timing is not used.
-    pre = backend.engine.prefill(chunks, question, **kwargs)
+    # TTFT and first-token logits are the prefill's, which generate reports.
     out = backend.engine.generate(chunks, question, max_new_tokens=max_new_tokens, temperature=0.0, **kwargs)
-    return Run(clean_answer(out.text), pre.logits, dict(pre.stats))
+    return Run(clean_answer(out.text), out.first_logits, dict(out.stats))
 
 
 def score_run(run: Run, golds: list[str], ref: Run) -> dict[str, Any]:
@@ -329,7 +346,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--ratios", type=_float_list, default=[0.05, 0.1, 0.15, 0.3], help="blend recompute ratios"
     )
-    p.add_argument("--selectors", type=_name_list, default=["deviation"], help="blend token selectors")
+    p.add_argument(
+        "--configs",
+        type=lambda t: [x.strip() for x in t.split(";") if x.strip()],
+        default=["deviation"],
+        help='blend configs, ";"-separated; each a selector and BlendConfig overrides, '
+        'e.g. "deviation;attention,check_layer=2,first_k=4"',
+    )
+    p.add_argument("--kv-store", default=None, help="KV store spec (default: the engine's default)")
+    p.add_argument("--chunk-context", default="prefix", choices=["prefix", "none"])
     p.add_argument("--model", default=None, help="local checkpoint dir (default: the engine's default model)")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--out", type=Path, default=None, help="write records and summary as JSON")
@@ -351,16 +376,14 @@ def write_outputs(
         plot_fidelity(summary, fidelity_path(args.plot))
 
 
-def main(
-    argv: Sequence[str] | None = None, backend_factory: Callable[[str | None], Backend] = load_backend
-) -> int:
+def main(argv: Sequence[str] | None = None, backend_factory: Callable[..., Backend] = load_backend) -> int:
     args = parse_args(argv)
     try:
-        variants = build_variants(args.methods, args.ratios, args.selectors)
+        variants = build_variants(args.methods, args.ratios, args.configs)
         items = load_dataset(args.dataset, args.n)
     except (ValueError, OSError) as err:
         raise SystemExit(f"error: {err}") from None
-    backend = backend_factory(args.model)
+    backend = backend_factory(args.model, args.kv_store, args.chunk_context)
     try:
         # A bad ratio or selector should fail now, not after minutes of precompute.
         for variant in variants:

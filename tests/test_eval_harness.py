@@ -64,13 +64,9 @@ class FakeEngine:
             return "London", FLAT_LOGITS, stats
         return ("Paris France" if ratio < 0.15 else "Paris\nThe capital."), FULL_LOGITS.clone(), stats
 
-    def prefill(self, chunks, question, mode="blend", recompute_ratio=None, config=None):
-        _, logits, stats = self._run(chunks, question, mode, recompute_ratio, config)
-        return SimpleNamespace(logits=logits, stats=stats)
-
     def generate(self, chunks, question, mode="blend", recompute_ratio=None, config=None, **kwargs):
-        text, _, stats = self._run(chunks, question, mode, recompute_ratio, config)
-        return SimpleNamespace(text=text, token_ids=[1, 2], stats=stats)
+        text, logits, stats = self._run(chunks, question, mode, recompute_ratio, config)
+        return SimpleNamespace(text=text, token_ids=[1, 2], stats=stats, first_logits=logits)
 
 
 @pytest.fixture
@@ -90,7 +86,7 @@ def dataset(tmp_path):
 
 
 def _run_main(args, engine):
-    return quality.main(args, backend_factory=lambda model: quality.Backend(engine, FakeConfig()))
+    return quality.main(args, backend_factory=lambda *_: quality.Backend(engine, FakeConfig()))
 
 
 def _reject_constant(name):
@@ -101,7 +97,7 @@ def test_harness_end_to_end(tmp_path, dataset, capsys):
     engine = FakeEngine()
     out, plot = tmp_path / "res" / "q.json", tmp_path / "res" / "q.png"
     args = ["--dataset", str(dataset), "--n", "2", "--top-k", "2", "--ratios", "0.1,0.3"]
-    args += ["--selectors", "deviation,random", "--out", str(out), "--plot", str(plot)]
+    args += ["--configs", "deviation;random", "--out", str(out), "--plot", str(plot)]
     assert _run_main(args, engine) == 0
 
     report = json.loads(out.read_text(), parse_constant=_reject_constant)
@@ -181,5 +177,5 @@ def test_malformed_dataset_is_a_clean_error(tmp_path):
 def test_bad_selector_fails_before_any_engine_work(dataset):
     engine = FakeEngine()
     with pytest.raises(SystemExit, match="unknown selector 'bogus'"):
-        _run_main(["--dataset", str(dataset), "--selectors", "deviation,bogus"], engine)
+        _run_main(["--dataset", str(dataset), "--configs", "deviation;bogus"], engine)
     assert engine.log == []
