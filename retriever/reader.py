@@ -28,6 +28,8 @@ class Document:
 
 def read_documents(paths: Iterable[str | Path]) -> list[Document]:
     """All documents under ``paths``, folders walked recursively in sorted order."""
+    if isinstance(paths, str | Path):  # one path, not an iterable of characters
+        paths = [paths]
     documents: dict[str, Document] = {}
     for root in map(Path, paths):
         for path, base in _files(root):
