@@ -32,7 +32,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     query = subparsers.add_parser("query", help="answer a question from the index")
     query.add_argument("question")
-    query.add_argument("--index-dir", required=True, type=Path)
+    source = query.add_mutually_exclusive_group(required=True)
+    source.add_argument("--index-dir", type=Path, help="retrieve the chunks from this index")
+    source.add_argument(
+        "--chunks-file", type=Path, help="a JSON list of chunk texts: blend these, no retrieval"
+    )
     query.add_argument(
         "--model", help="local checkpoint directory (must be the one the index was built with)"
     )
@@ -78,30 +82,43 @@ def run_index(args: argparse.Namespace) -> None:
 
 
 def run_query(args: argparse.Namespace) -> None:
-    # Retrieval first: a missing or empty index is reported before the model is loaded.
-    retriever = Retriever(args.index_dir)
-    start = time.perf_counter()
-    chunks = retriever.search(args.question, args.top_k)
-    retrieval_s = time.perf_counter() - start
-    engine = load_engine(args.model, _kv_store(args))
-    retriever.index.check_fingerprint(engine.fingerprint)
+    if args.chunks_file is not None:
+        retrieved, retrieval_s = None, 0.0
+        texts = _read_chunks_file(args.chunks_file)
+        engine = load_engine(args.model, args.kv_store)
+    else:
+        # Retrieval first: a missing or empty index is reported before the model is loaded.
+        retriever = Retriever(args.index_dir)
+        start = time.perf_counter()
+        retrieved = retriever.search(args.question, args.top_k)
+        retrieval_s = time.perf_counter() - start
+        texts = [c.text for c in retrieved]
+        engine = load_engine(args.model, _kv_store(args))
+        retriever.index.check_fingerprint(engine.fingerprint)
     generation = engine.generate(
-        [c.text for c in chunks],
-        args.question,
-        mode=args.mode,
-        recompute_ratio=args.ratio,
-        max_new_tokens=args.max_new_tokens,
+        texts, args.question, mode=args.mode, recompute_ratio=args.ratio, max_new_tokens=args.max_new_tokens
     )
     if not args.json:
         print(generation.text)
         return
+    chunks = [{"id": c.id, "doc_id": c.doc_id, "score": c.score} for c in retrieved or []]
     result = {
         "answer": generation.text,
-        "chunks": [{"id": c.id, "doc_id": c.doc_id, "score": c.score} for c in chunks],
+        "chunks": chunks,
         "stats": generation.stats,
         "retrieval_s": retrieval_s,
     }
     print(json.dumps(result))
+
+
+def _read_chunks_file(path: Path) -> list[str]:
+    try:
+        texts = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise BlendRAGError(f"{path}: cannot read chunks file: {err}") from None
+    if not isinstance(texts, list) or not all(isinstance(t, str) and t.strip() for t in texts):
+        raise BlendRAGError(f"{path}: expected a JSON list of non-empty strings")
+    return texts
 
 
 def _kv_store(args: argparse.Namespace) -> str:
