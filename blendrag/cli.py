@@ -62,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress and warnings")
     subparsers = parser.add_subparsers(dest="command", required=True)
     register(subparsers)
+    __import__("blendrag.api.serve", fromlist=["register"]).register(subparsers)
     _add_demo(subparsers)
     return parser
 

@@ -1,0 +1,131 @@
+"""Request ids, request counting, and one JSON error shape for every failure.
+
+Every response carries ``X-Request-ID`` (the caller's, or a fresh one); error bodies repeat it,
+so a 500 can be matched to its server log line. The error shape is OpenAI's
+(``{"error": {"message", "type", ...}}``), which the ``openai`` client turns into its exceptions.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from blendrag.errors import BlendRAGError
+
+from .live_index import EmptyIndex, NotFound
+from .metrics import Metrics
+from .rag import EngineFailure
+
+log = logging.getLogger(__name__)
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str  # invalid_request_error, not_found_error, service_unavailable, server_error
+    param: str | None = None
+    request_id: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+ERROR_RESPONSES: dict[int | str, dict] = {
+    400: {"model": ErrorResponse, "description": "The request cannot be served (e.g. an unknown model)"},
+    422: {"model": ErrorResponse, "description": "The body failed validation"},
+    500: {"model": ErrorResponse, "description": "The engine failed; quote the request_id"},
+}
+
+
+def request_id(request: Request) -> str:
+    return request.scope.get("state", {}).get("request_id", "-")
+
+
+def error_body(message: str, kind: str, rid: str, param: str | None = None) -> dict:
+    return ErrorResponse(
+        error=ErrorDetail(message=message, type=kind, param=param, request_id=rid)
+    ).model_dump()
+
+
+class RequestContext:
+    """ASGI middleware: assigns the request id and counts each request by route and status."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        rid = headers.get(b"x-request-id", b"").decode("latin-1")[:64] or uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = rid
+        status = 500  # unless a response starts: an exception escaped every handler
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode("latin-1"))]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            # The route template, not the raw path: one series per endpoint, not per document id.
+            route = getattr(scope.get("route"), "path", "unmatched")
+            self.metrics.requests.labels(route, scope["method"], str(status)).inc()
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = [f"{_where(e['loc'])}: {e['msg']}" for e in exc.errors()]
+        param = _where(exc.errors()[0]["loc"]) if exc.errors() else None
+        body = error_body("; ".join(problems), "invalid_request_error", request_id(request), param)
+        return JSONResponse(body, status_code=422)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return JSONResponse(error_body(str(exc.detail), kind, request_id(request)), exc.status_code)
+
+    @app.exception_handler(BlendRAGError)
+    async def user_error(request: Request, exc: BlendRAGError) -> JSONResponse:
+        status, kind = _status_of(exc)
+        return JSONResponse(error_body(str(exc), kind, request_id(request)), status)
+
+    @app.exception_handler(EngineFailure)
+    async def engine_failure(request: Request, exc: EngineFailure) -> JSONResponse:
+        return JSONResponse(server_error_body(request_id(request)), 500)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.error("unhandled error in request %s", request_id(request), exc_info=exc)
+        return JSONResponse(server_error_body(request_id(request)), 500)
+
+
+def server_error_body(rid: str) -> dict:
+    return error_body(
+        f"internal error; the server log has details under request id {rid}", "server_error", rid
+    )
+
+
+def _status_of(exc: BlendRAGError) -> tuple[int, str]:
+    if isinstance(exc, NotFound):
+        return 404, "not_found_error"
+    if isinstance(exc, EmptyIndex):
+        return 503, "service_unavailable"
+    return 400, "invalid_request_error"
+
+
+def _where(loc: tuple) -> str:
+    # ("body", "top_k") -> "top_k": every field lives in the body, saying so is noise.
+    parts = [str(p) for p in loc if p != "body"]
+    return ".".join(parts) or "body"

@@ -1,0 +1,73 @@
+"""``POST /query`` (answer from the index, JSON or server-sent events) and ``POST /search``."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Request
+
+from .errors import ERROR_RESPONSES, request_id
+from .rag import Answer, AnswerStream, Ask, RAGService, SourceChunk
+from .schemas import ChunkOut, QueryRequest, QueryResponse, QueryStats, SearchRequest, SearchResponse
+from .sse import event, sse_response
+
+STREAM_DOC = """With `"stream": true` the answer comes as server-sent events (`text/event-stream`):
+one unnamed event per text piece, `data: {"text": "..."}`, then one `event: done` whose data
+is the `QueryResponse` JSON (answer, chunks, stats). A failure after the stream began sends
+`event: error` with the error body (including the request id) and closes the stream."""
+
+STREAM_RESPONSE = {
+    200: {
+        "description": "The answer (JSON), or server-sent events when `stream` is true",
+        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+    }
+}
+
+
+def query_router(service: RAGService) -> APIRouter:
+    router = APIRouter(tags=["rag"], responses={**ERROR_RESPONSES, 503: ERROR_RESPONSES[400]})
+
+    @router.post("/query", response_model=QueryResponse, responses=STREAM_RESPONSE, description=STREAM_DOC)
+    async def query(body: QueryRequest, request: Request):
+        ask = Ask(
+            body.question,
+            top_k=body.top_k,
+            mode=body.mode,
+            recompute_ratio=body.recompute_ratio,
+            max_tokens=body.max_tokens,
+            temperature=body.temperature,
+        )
+        stream = await service.stream(ask)
+        if body.stream:
+            return sse_response(_events(stream), request_id(request), error_event="error")
+        async for _ in stream:
+            pass
+        return query_response(stream.answer)
+
+    @router.post("/search", response_model=SearchResponse)
+    async def search(body: SearchRequest) -> SearchResponse:
+        """Retrieval only: the chunks `/query` would put in the prompt, best first."""
+        hits = await service.worker.run(service.index.search, body.query, body.top_k)
+        return SearchResponse(chunks=[chunk_out(SourceChunk(c.text, c.id, c.doc_id, c.score)) for c in hits])
+
+    return router
+
+
+async def _events(stream: AnswerStream) -> AsyncIterator[str]:
+    async for piece in stream:
+        yield event({"text": piece})
+    yield event(query_response(stream.answer).model_dump(), "done")
+
+
+def query_response(answer: Answer) -> QueryResponse:
+    stats = QueryStats.model_validate({k: v for k, v in answer.stats.items() if k in QueryStats.model_fields})
+    return QueryResponse(
+        answer=answer.generation.text,
+        finish_reason=answer.generation.finish_reason,
+        chunks=[chunk_out(c) for c in answer.chunks],
+        stats=stats,
+    )
+
+
+def chunk_out(chunk: SourceChunk) -> ChunkOut:
+    return ChunkOut(id=chunk.id, doc_id=chunk.doc_id, score=chunk.score, text=chunk.text)

@@ -1,0 +1,168 @@
+"""One RAG request end to end: retrieve (or take the caller's documents), then blend and decode.
+
+Shared by the REST routes, the OpenAI-compatible routes and the in-process LangChain classes, so
+every front end validates, serializes compute and reports stats the same way. Every engine and
+index call goes through the engine's ``ComputeWorker``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+
+from blendrag.config import Mode
+from blendrag.engine import Generation, GenerationStream
+from blendrag.errors import BlendRAGError
+
+from .live_index import LiveIndex
+from .worker import worker_for
+
+log = logging.getLogger(__name__)
+
+
+class EngineFailure(Exception):
+    """The engine failed on a valid request (a server fault, not the caller's)."""
+
+
+@dataclass(frozen=True)
+class SourceChunk:
+    """A chunk placed in the prompt; ``id``, ``doc_id`` and ``score`` only when retrieved."""
+
+    text: str
+    id: int | None = None
+    doc_id: str | None = None
+    score: float | None = None
+
+
+@dataclass(frozen=True)
+class Ask:
+    question: str
+    documents: list[str] | None = None  # given: blend exactly these, no retrieval
+    top_k: int = 4
+    mode: Mode = "blend"
+    recompute_ratio: float | None = None
+    max_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+@dataclass
+class Answer:
+    generation: Generation
+    chunks: list[SourceChunk]
+    retrieval_s: float
+
+    @property
+    def stats(self) -> dict:
+        return dict(self.generation.stats, retrieval_s=self.retrieval_s)
+
+
+class RAGService:
+    def __init__(
+        self, engine, index: LiveIndex | None = None, observe: Callable[[dict], None] | None = None
+    ) -> None:
+        self.engine = engine
+        self.index = index
+        self.worker = worker_for(engine)
+        self.observe = observe or (lambda stats: None)
+
+    async def answer(self, ask: Ask) -> Answer:
+        stream = await self.stream(ask)
+        async for _ in stream:
+            pass
+        return stream.answer
+
+    async def stream(self, ask: Ask) -> AnswerStream:
+        """Retrieve and prefill before returning, so their errors come back as an HTTP error."""
+        chunks, retrieval_s = await self.worker.run(_guarded, self._retrieve, ask)
+        stream = AnswerStream(self, ask, chunks, retrieval_s)
+        await stream.start()
+        return stream
+
+    def answer_sync(self, ask: Ask) -> Answer:
+        stream = self.stream_sync(ask)
+        for _ in stream:
+            pass
+        return stream.answer
+
+    def stream_sync(self, ask: Ask) -> AnswerStream:
+        chunks, retrieval_s = self.worker.call(_guarded, self._retrieve, ask)
+        stream = AnswerStream(self, ask, chunks, retrieval_s)
+        stream.start_sync()
+        return stream
+
+    def _retrieve(self, ask: Ask) -> tuple[list[SourceChunk], float]:
+        if ask.documents is not None:
+            return [SourceChunk(text) for text in ask.documents], 0.0
+        if self.index is None:
+            raise BlendRAGError("no index to retrieve from: pass documents")
+        start = time.perf_counter()
+        hits = self.index.search(ask.question, ask.top_k)
+        return [SourceChunk(c.text, c.id, c.doc_id, c.score) for c in hits], time.perf_counter() - start
+
+
+class AnswerStream:
+    """Text pieces of one answer (iterate sync or async, not both); ``answer`` once exhausted."""
+
+    def __init__(self, service: RAGService, ask: Ask, chunks: list[SourceChunk], retrieval_s: float):
+        self.service, self.chunks, self.retrieval_s = service, chunks, retrieval_s
+        self._generation: GenerationStream = service.engine.stream(
+            [c.text for c in chunks],
+            ask.question,
+            mode=ask.mode,
+            recompute_ratio=ask.recompute_ratio,
+            max_new_tokens=ask.max_tokens,
+            temperature=ask.temperature,
+            top_p=ask.top_p,
+            seed=ask.seed,
+            stop=ask.stop,
+        )
+        self._pieces: Iterator[str] = iter(self._generation)
+        self._first: list[str] = []
+        self.answer: Answer | None = None
+
+    def _next(self) -> str | None:
+        return _guarded(next, self._pieces, None)
+
+    async def start(self) -> None:
+        """Run the prefill (the first step); a failure raises here, before any byte is sent."""
+        self._first = [p for p in [await self.service.worker.run(self._next)] if p is not None]
+        self._finish_if_done()
+
+    def start_sync(self) -> None:
+        self._first = [p for p in [self.service.worker.call(self._next)] if p is not None]
+        self._finish_if_done()
+
+    async def __aiter__(self) -> AsyncIterator[str]:
+        for piece in self._first:
+            yield piece
+        while self.answer is None and (piece := await self.service.worker.run(self._next)) is not None:
+            yield piece
+        self._finish_if_done()
+
+    def __iter__(self) -> Iterator[str]:
+        yield from self._first
+        while self.answer is None and (piece := self.service.worker.call(self._next)) is not None:
+            yield piece
+        self._finish_if_done()
+
+    def _finish_if_done(self) -> None:
+        result = self._generation.result
+        if result is not None and self.answer is None:
+            self.answer = Answer(result, self.chunks, self.retrieval_s)
+            self.service.observe(result.stats)
+
+
+def _guarded(fn, *args):
+    """Call ``fn``; a user error passes through, anything else becomes an ``EngineFailure``."""
+    try:
+        return fn(*args)
+    except BlendRAGError:
+        raise
+    except Exception as err:
+        log.exception("engine failure")
+        raise EngineFailure(str(err)) from err

@@ -1,0 +1,111 @@
+"""Request and response bodies of the native REST routes (``/query``, ``/search``, ``/documents``)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+from blendrag.config import Mode
+
+MAX_QUESTION_CHARS = 4000
+MAX_TOP_K = 32
+MAX_NEW_TOKENS = 1024
+MAX_DOCUMENT_CHARS = 1_000_000
+MAX_DOCUMENTS_PER_REQUEST = 256
+
+Question = Annotated[
+    str, StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_QUESTION_CHARS)
+]
+TopK = Annotated[int, Field(ge=1, le=MAX_TOP_K, description="Chunks to retrieve")]
+Ratio = Annotated[
+    float,
+    Field(ge=0.0, le=1.0, description="Share of chunk tokens blend recomputes (engine default if absent)"),
+]
+Temperature = Annotated[float, Field(ge=0.0, le=2.0, description="0 is greedy")]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class QueryRequest(Strict):
+    question: Question
+    top_k: TopK = 4
+    mode: Mode = "blend"
+    recompute_ratio: Ratio | None = None
+    max_tokens: Annotated[int, Field(ge=1, le=MAX_NEW_TOKENS)] = 128
+    temperature: Temperature = 0.0
+    stream: bool = Field(False, description="Answer as server-sent events (see the route description)")
+
+
+class SearchRequest(Strict):
+    query: Question
+    top_k: TopK = 4
+
+
+class ChunkOut(BaseModel):
+    id: int | None = Field(description="Chunk id in the index (null for documents given in the request)")
+    doc_id: str | None
+    score: float | None = Field(description="Cosine similarity to the question (null when not retrieved)")
+    text: str
+
+
+class QueryStats(BaseModel):
+    mode: Mode
+    ttft_s: float = Field(description="Prefill time to the first token, excluding queueing and retrieval")
+    n_tokens: int = Field(description="Prompt tokens")
+    n_recomputed: int = Field(description="Prompt tokens computed in the last layer")
+    cache_hits: int = Field(description="Chunks whose KV came from the store")
+    cache_misses: int = Field(description="Chunks whose KV was computed for this request")
+    n_generated: int
+    decode_s: float
+    retrieval_s: float
+
+
+class QueryResponse(BaseModel):
+    answer: str
+    finish_reason: Literal["stop", "length"]
+    chunks: list[ChunkOut]
+    stats: QueryStats
+
+
+class SearchResponse(BaseModel):
+    chunks: list[ChunkOut]
+
+
+class DocumentIn(Strict):
+    id: Annotated[str, StringConstraints(min_length=1, max_length=512)]
+    text: Annotated[str, StringConstraints(min_length=1, max_length=MAX_DOCUMENT_CHARS)]
+    metadata: dict = Field(default_factory=dict)
+
+
+class AddDocumentsRequest(Strict):
+    documents: Annotated[list[DocumentIn], Field(min_length=1, max_length=MAX_DOCUMENTS_PER_REQUEST)]
+
+
+JobStatus = Literal["queued", "running", "done", "failed"]
+
+
+class Job(BaseModel):
+    job_id: str
+    status: JobStatus
+    queryable: bool = Field(description="True once the documents are searchable and their KV is stored")
+    status_url: str
+    document_ids: list[str]
+    added_chunks: int | None = None
+    kv_computed: int | None = None
+    error: str | None = None
+
+
+class DeleteResponse(BaseModel):
+    document_id: str
+    chunks_deleted: int
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+    model: str
+    fingerprint: str
+    index_documents: int
+    index_chunks: int
