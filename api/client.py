@@ -1,0 +1,71 @@
+"""A small HTTP client for a running blendrag server (used by the LangChain classes' remote mode).
+
+It speaks the server's own routes: ``/search`` for retrieval and the OpenAI-compatible
+``/v1/chat/completions`` for answers (with ``documents`` when the caller brings its own).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+
+from blendrag.errors import BlendRAGError
+
+
+class ServerError(BlendRAGError):
+    """The server answered with an error (its message and request id are in the text)."""
+
+
+class BlendRAGClient:
+    def __init__(self, base_url: str, timeout: float | None = 120.0) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.timeout = timeout
+
+    def search(self, query: str, top_k: int) -> list[dict]:
+        return self._post("/search", {"query": query, "top_k": top_k})["chunks"]
+
+    async def asearch(self, query: str, top_k: int) -> list[dict]:
+        async with httpx.AsyncClient(timeout=self.timeout) as http:
+            response = await http.post(f"{self.base_url}/search", json={"query": query, "top_k": top_k})
+        return _checked(response)["chunks"]
+
+    def chat(self, body: dict[str, Any]) -> dict:
+        return self._post("/v1/chat/completions", dict(body, stream=False))
+
+    def stream_chat(self, body: dict[str, Any]) -> Iterator[dict]:
+        """The ``chat.completion.chunk`` objects of a streamed answer, usage chunk included."""
+        body = dict(body, stream=True, stream_options={"include_usage": True})
+        with httpx.stream(
+            "POST", f"{self.base_url}/v1/chat/completions", json=body, timeout=self.timeout
+        ) as r:
+            if r.status_code != 200:
+                r.read()
+                _checked(r)
+            for line in r.iter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[len("data: ") :])
+                if "error" in chunk:
+                    raise ServerError(_message(chunk))
+                yield chunk
+
+    def _post(self, path: str, body: dict) -> dict:
+        return _checked(httpx.post(f"{self.base_url}{path}", json=body, timeout=self.timeout))
+
+
+def _checked(response: httpx.Response) -> dict:
+    try:
+        body = response.json()
+    except json.JSONDecodeError:
+        body = {}
+    if response.status_code != 200:
+        raise ServerError(f"HTTP {response.status_code}: {_message(body) or response.text[:200]}")
+    return body
+
+
+def _message(body: dict) -> str:
+    error = body.get("error") or {}
+    return f"{error.get('message', '')} (request id {error.get('request_id', '-')})" if error else ""
