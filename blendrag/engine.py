@@ -140,7 +140,7 @@ class BlendEngine:
     def _compute_segment(self, context: list[int], ids: list[int]) -> ChunkKV:
         buf = KVBuffer(self.model.args, len(context) + len(ids), self.dtype)
         if context:
-            buf.place(0, self._segment([], context)[0], self.rotary)
+            buf.load([(0, self._segment([], context)[0])], self.rotary)
         buf.length = len(context) + len(ids)
         positions = torch.arange(len(context), buf.length)
         out = run_layers(self.model, self.rotary, buf, torch.tensor(ids), positions, capture=True)
@@ -196,25 +196,23 @@ class BlendEngine:
         return Prefill(logits, stats, prompt, buf)
 
     def _plan(self, mode: Mode, cfg: BlendConfig, prompt: RAGPrompt, buf: KVBuffer):
-        """Place reused KV in ``buf``; return (positions to compute, filters, hits, misses)."""
+        """Load reused KV into ``buf``; return (positions to compute, filters, hits, misses)."""
         n = len(prompt.ids)
         if mode == "full":
             return torch.arange(n), None, 0, 0
-        buf.place(0, self._segment([], prompt.prefix)[0], self.rotary)
         exact_first = self.chunk_context == "prefix" and prompt.prefix == self.prompt_format.prefix_ids
+        # prefix mode reuses only what is exact: the prefix, and the first chunk when it is exact.
+        n_reused = (1 if exact_first else 0) if mode == "prefix" else len(prompt.chunks)
+        segments = [(0, self._segment([], prompt.prefix)[0])]
+        hits = 0
+        for offset, chunk in list(zip(prompt.chunk_offsets(), prompt.chunks, strict=True))[:n_reused]:
+            kv, hit = self._segment(self._context_ids(), chunk)
+            segments.append((offset, kv))
+            hits += hit
+        buf.load(segments, self.rotary)
+        misses = len(segments) - 1 - hits
         if mode == "prefix":
-            reused, counts = len(prompt.prefix), (0, 0)
-            if exact_first and prompt.chunks:
-                first, hit = self._segment(prompt.prefix, prompt.chunks[0])
-                buf.place(reused, first, self.rotary)
-                reused, counts = reused + first.n_tokens, (int(hit), int(not hit))
-            return torch.arange(reused, n), None, *counts
-        hits = misses = 0
-        context = self._context_ids()
-        for offset, chunk in zip(prompt.chunk_offsets(), prompt.chunks, strict=True):
-            kv, hit = self._segment(context, chunk)
-            buf.place(offset, kv, self.rotary)
-            hits, misses = hits + hit, misses + (not hit)
+            return torch.arange(segments[-1][0] + segments[-1][1].n_tokens, n), None, hits, misses
         if mode == "reuse":
             return torch.arange(prompt.suffix_start, n), None, hits, misses
         return (*self._blend_plan(cfg, prompt, exact_first), hits, misses)

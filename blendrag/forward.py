@@ -12,26 +12,29 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
+from . import kernels
 from .kvbuffer import KVBuffer
 from .model import Transformer
 from .rope import Rotary, rotate
 
+if TYPE_CHECKING:
+    from .kernels import Mask
+
 
 @dataclass
 class LayerView:
-    """What a filter sees at its layer: active positions, their rotated queries, fresh K/V,
-    and the K/V the buffer held for them before this layer overwrote it."""
+    """What a filter sees at its layer: the active positions, their rotated queries, the
+    deviation of their fresh V from the V the buffer held before (``[n]``, CacheBlend's
+    ||V_fresh - V_cached||^2), and the buffer, which now holds their fresh K/V."""
 
     layer: int
     positions: torch.Tensor
     q: torch.Tensor
-    k_fresh: torch.Tensor
-    v_fresh: torch.Tensor
-    k_old: torch.Tensor
-    v_old: torch.Tensor
+    deviation: torch.Tensor
     kv: KVBuffer
 
 
@@ -47,14 +50,13 @@ class LayerLoopResult:
     captured_v: list[torch.Tensor] = field(default_factory=list)
 
 
-def causal_mask(positions: torch.Tensor, length: int) -> torch.Tensor | None:
-    """Boolean ``[n, length]`` mask, or None when the active tokens are exactly the last n
-    positions (then plain causal attention is the same thing and cheaper)."""
-    n = positions.numel()
-    first = int(positions[0])
-    if int(positions[-1]) == length - 1 and length - first == n:
+def causal_mask(positions: torch.Tensor, length: int) -> Mask | None:
+    """The mask for queries at ``positions`` over ``length`` slots: None when they are all
+    ``length`` positions in order (plain causal attention does it, and faster), else the
+    causal-by-position mask from the kernels."""
+    if positions.numel() == length or (positions.numel() == 1 and int(positions[0]) == length - 1):
         return None
-    return torch.arange(length, device=positions.device)[None, :] <= positions[:, None]
+    return kernels.selective_mask(positions, length)
 
 
 def run_layers(
@@ -79,9 +81,9 @@ def run_layers(
             result.captured_v.append(v)
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         if i in filters:
-            k_old, v_old = kv.read(i, positions)
+            deviation = kernels.kv_deviation(v, kv.v[i], positions)
             kv.write(i, positions, k, v)
-            keep = filters[i](LayerView(i, positions, q, k, v, k_old, v_old, kv))
+            keep = filters[i](LayerView(i, positions, q, deviation, kv))
             h, q, positions = h[keep], q[:, keep], positions[keep]
             cos, sin, mask = cos[keep], sin[keep], causal_mask(positions, kv.length)
         else:

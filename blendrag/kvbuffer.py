@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from . import kernels
 from .model import ModelArgs
-from .rope import Rotary, rotate
+from .rope import Rotary
 from .store.base import ChunkKV
 
 
@@ -28,21 +29,19 @@ class KVBuffer:
     def capacity(self) -> int:
         return self.k.shape[2]
 
-    def place(self, start: int, kv: ChunkKV, rotary: Rotary) -> None:
-        """Copy a stored segment in at ``start``, rotating its (un-rotated) keys to their new
-        positions: one rotation for all layers, with the same code that rotates fresh keys."""
-        end = start + kv.n_tokens
-        cos, sin = rotary.cos_sin(torch.arange(start, end, device=self.k.device), self.k.dtype)
-        self.k[:, :, start:end] = rotate(kv.k.to(self.k), cos, sin)
-        self.v[:, :, start:end] = kv.v.to(self.v)
+    def load(self, segments: list[tuple[int, ChunkKV]], rotary: Rotary) -> None:
+        """Copy stored segments in at their start positions, then rotate their (un-rotated) keys
+        to those positions: one realignment over all layers and segments, with the same
+        arithmetic that rotates fresh keys."""
+        for start, kv in segments:
+            self.k[:, :, start : start + kv.n_tokens] = kv.k
+            self.v[:, :, start : start + kv.n_tokens] = kv.v
+        end = max((start + kv.n_tokens for start, kv in segments), default=0)
+        cos, sin = rotary.cos_sin(torch.arange(end, device=self.k.device), self.k.dtype)
+        kernels.rope_realign(self.k, [(start, kv.n_tokens) for start, kv in segments], cos, sin)
 
     def write(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        self.k[layer].index_copy_(1, positions, k)
-        self.v[layer].index_copy_(1, positions, v)
-
-    def read(self, layer: int, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Copies (not views) of the entries at ``positions``."""
-        return self.k[layer].index_select(1, positions), self.v[layer].index_select(1, positions)
+        kernels.kv_scatter(self.k[layer], self.v[layer], positions, k, v)
 
     def keys(self, layer: int) -> torch.Tensor:
         return self.k[layer, :, : self.length]

@@ -14,11 +14,17 @@ one sequence, no batch dimension.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig
+
+from . import kernels
+
+if TYPE_CHECKING:
+    from .kernels import Mask
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -95,21 +101,17 @@ class Attention(nn.Module):
         return q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
 
 
-def attend(
-    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None
-) -> torch.Tensor:
+def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: Mask | None) -> torch.Tensor:
     """Grouped-query attention of ``q [H, n, D]`` over ``keys/values [Hkv, T, D]``.
 
-    ``mask`` is a boolean ``[n, T]`` (True = may attend); ``None`` means plain causal attention
-    where the n queries are the last n of the T positions.
+    ``mask`` comes from ``kernels.selective_mask`` (queries at arbitrary true positions);
+    ``None`` means the n queries are the last n of the T positions: plain causal attention.
     """
+    if mask is not None:
+        return kernels.selective_attention(q, keys, values, mask)
     n, t = q.shape[1], keys.shape[1]
-    causal = mask is None and n > 1
-    if causal and n != t:  # queries are a suffix: SDPA's is_causal is top-left aligned, so spell it out
-        mask = torch.ones(n, t, dtype=torch.bool, device=q.device).tril(t - n)
-        causal = False
     out = F.scaled_dot_product_attention(
-        q[None], keys[None], values[None], attn_mask=mask, is_causal=causal, enable_gqa=True
+        q[None], keys[None], values[None], is_causal=n > 1 and n == t, enable_gqa=True
     )
     return out[0]
 
@@ -142,7 +144,7 @@ class Block(nn.Module):
         q: torch.Tensor,
         keys: torch.Tensor,
         values: torch.Tensor,
-        mask: torch.Tensor | None,
+        mask: Mask | None,
     ) -> torch.Tensor:
         """Attention of the rows of ``h`` (queries ``q``, already rotated) over the assembled
         KV, residual, then the MLP: the layer's output for those rows only."""

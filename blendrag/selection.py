@@ -10,11 +10,6 @@ from .config import BlendConfig
 from .forward import Filter, LayerView
 
 
-def deviation_scores(view: LayerView) -> torch.Tensor:
-    """CacheBlend's KV deviation: ||V_fresh - V_cached||^2 summed over heads and head dim."""
-    return (view.v_fresh - view.v_old).float().pow(2).sum(dim=(0, 2))
-
-
 def question_attention(view: LayerView, question_rows: torch.Tensor) -> torch.Tensor:
     """Attention weight, averaged over heads and question tokens, that the question's queries
     give each buffer position at this layer: ``[kv.length]``."""
@@ -31,11 +26,11 @@ def question_attention(view: LayerView, question_rows: torch.Tensor) -> torch.Te
 def token_scores(config: BlendConfig, view: LayerView, question_rows: torch.Tensor) -> torch.Tensor:
     """Score of every active row (higher = recompute first)."""
     if config.selector == "deviation":
-        return deviation_scores(view)
+        return view.deviation
     attention = question_attention(view, question_rows)[view.positions]
     if config.selector == "attention":
         return attention
-    return attention * deviation_scores(view).sqrt()
+    return attention * view.deviation.sqrt()
 
 
 def make_filters(

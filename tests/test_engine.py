@@ -106,7 +106,7 @@ def test_realigned_keys_equal_fresh_keys_at_new_offset(tiny_dirs, variant):
     stored, _ = engine._segment([], ids)
     offset = 1000
     buf = KVBuffer(engine.model.args, offset + len(ids), engine.dtype)
-    buf.place(offset, stored, engine.rotary)
+    buf.load([(offset, stored)], engine.rotary)
     hf = AutoModelForCausalLM.from_pretrained(tiny_dirs[variant], dtype=torch.float32).eval()
     with torch.no_grad():
         cache = hf(

@@ -167,7 +167,7 @@ def test_triton_kernel_under_interpreter(interpreted: dict[str, str], name: str)
 
 
 def test_rope_realign_equals_rotating_at_placement() -> None:
-    """What ``KVBuffer.place`` does per chunk, the one-call realign does for all, bitwise."""
+    """Rotating each chunk at its placement, the one-call realign does for all, bitwise."""
     cos, sin = tables(32, 90, torch.float32, LLAMA3)
     k = randn(3, 2, 90, 32)
     expected = k.clone()

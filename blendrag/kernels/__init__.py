@@ -19,6 +19,8 @@ from . import reference
 if TYPE_CHECKING:
     from torch.nn.attention.flex_attention import BlockMask
 
+    Mask = torch.Tensor | BlockMask  # what selective_mask returns and selective_attention takes
+
 _force_triton = False
 
 
