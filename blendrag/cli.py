@@ -1,4 +1,4 @@
-"""``blendrag`` command line: index, query, demo. A user error prints one line and exits 2."""
+"""``blendrag`` command line: index, query, serve, demo. A user error prints one line and exits 2."""
 
 from __future__ import annotations
 
@@ -56,13 +56,14 @@ def run_demo(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from blendrag.api.serve import register as register_serve
     from blendrag.retriever.commands import register
 
     parser = argparse.ArgumentParser(prog="blendrag", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress and warnings")
     subparsers = parser.add_subparsers(dest="command", required=True)
     register(subparsers)
-    __import__("blendrag.api.serve", fromlist=["register"]).register(subparsers)
+    register_serve(subparsers)
     _add_demo(subparsers)
     return parser
 

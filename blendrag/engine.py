@@ -130,7 +130,7 @@ class BlendEngine:
         """A segment's KV from the store, computed and stored on a miss. Returns (kv, hit)."""
         key = self._segment_key(context, ids)
         kv = self.store.get(key)
-        if kv is not None and kv.n_tokens == len(ids) and kv.n_layers == self.model.args.n_layers:
+        if kv is not None:
             return kv, True
         kv = self._compute_segment(context, ids)
         self.store.put(key, kv)
@@ -172,7 +172,8 @@ class BlendEngine:
         config: BlendConfig | None = None,
         max_new_tokens: int = 0,
     ) -> Prefill:
-        """Build the RAG prompt and prefill it; ``logits`` are for the first answer token."""
+        """Build the RAG prompt and prefill it; ``logits`` are for the first answer token.
+        ``max_new_tokens`` reserves room in the returned KV buffer for decoding."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         cfg = self._resolve_config(recompute_ratio, config)
