@@ -2,10 +2,12 @@
 
 Chunk KV ("segments") is computed once and kept in a ``KVStore``. A segment is a run of tokens
 computed right after a *context* (tokens that precede it at precompute time and whose KV it
-attended to). By default every chunk's context is the prompt prefix (system prompt + instruction):
-the chunk then sees the same attention sink as in a real prompt instead of learning one on its
-own first token, and the first chunk of a prompt is *exact* (same tokens, same positions, same
-context as in a full prefill). The prefix itself is a segment with an empty context.
+attended to). ``chunk_context="none"`` (the default) prefills each chunk alone from position 0;
+``"prefix"`` prefills it right after the prompt prefix (system prompt + instruction), which makes
+the first chunk of a prompt exact (same tokens, positions and context as a full prefill) but, on
+20 MuSiQue questions with SmolLM2, gave blend a higher first-token KL (0.208 vs 0.147) and fewer
+answers identical to full (15 % vs 25 %): the evaluation chose "none". The prefix itself is a
+segment with an empty context.
 """
 
 from __future__ import annotations
@@ -72,7 +74,7 @@ class BlendEngine:
         store: KVStore,
         config: BlendConfig | None = None,
         prompt_format: PromptFormat | None = None,
-        chunk_context: ChunkContext = "prefix",
+        chunk_context: ChunkContext = "none",
     ) -> None:
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
@@ -95,7 +97,7 @@ class BlendEngine:
         config: BlendConfig | None = None,
         dtype: torch.dtype = torch.float32,
         threads: int | None = None,
-        chunk_context: ChunkContext = "prefix",
+        chunk_context: ChunkContext = "none",
         prompt_format: PromptFormat | None = None,
     ) -> BlendEngine:
         """Load a Llama-family checkpoint (default: the embedded SmolLM2-135M-Instruct).

@@ -81,7 +81,7 @@ class Run:
     stats: dict[str, Any]
 
 
-def load_backend(model: str | None, kv_store: str | None = None, chunk_context: str = "prefix") -> Backend:
+def load_backend(model: str | None, kv_store: str | None = None, chunk_context: str = "none") -> Backend:
     # Imported here so that the harness (and its tests) load without the engine's heavy imports.
     from blendrag import BlendConfig, BlendEngine
 
@@ -354,7 +354,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         'e.g. "deviation;attention,check_layer=2,first_k=4"',
     )
     p.add_argument("--kv-store", default=None, help="KV store spec (default: the engine's default)")
-    p.add_argument("--chunk-context", default="prefix", choices=["prefix", "none"])
+    p.add_argument("--chunk-context", default="none", choices=["none", "prefix"])
     p.add_argument("--model", default=None, help="local checkpoint dir (default: the engine's default model)")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--out", type=Path, default=None, help="write records and summary as JSON")

@@ -83,7 +83,10 @@ def tiny_dirs(tmp_path_factory, default_dir) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def tiny_engine(tiny_dirs) -> BlendEngine:
-    return BlendEngine.from_pretrained(str(tiny_dirs["llama"]), store=MemoryStore(1 << 30))
+    # "prefix" context: exercises the exact-first-chunk path (prefix mode reuses the first chunk).
+    return BlendEngine.from_pretrained(
+        str(tiny_dirs["llama"]), store=MemoryStore(1 << 30), chunk_context="prefix"
+    )
 
 
 @pytest.fixture(scope="session")
