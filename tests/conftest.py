@@ -13,6 +13,7 @@ from blendrag import BlendEngine
 from blendrag.loading import default_model_dir
 from blendrag.store import MemoryStore
 
+SAMPLE_CORPUS = Path(__file__).resolve().parents[1] / "samples" / "corpus"
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 MUSIQUE = SHARED_DATA / "musique_dev.json"
 
@@ -87,6 +88,20 @@ def tiny_engine(tiny_dirs) -> BlendEngine:
     return BlendEngine.from_pretrained(
         str(tiny_dirs["llama"]), store=MemoryStore(1 << 30), chunk_context="prefix"
     )
+
+
+@pytest.fixture(scope="session")
+def new_sample_index(tmp_path_factory, tiny_engine):
+    """Builds a fresh index of the sample corpus with the tiny engine (one per caller, so a
+    module that adds or deletes documents never affects another)."""
+    from blendrag.retriever import build_index
+
+    def build(name: str) -> Path:
+        path = tmp_path_factory.mktemp(name)
+        build_index([SAMPLE_CORPUS], path, tiny_engine)
+        return path
+
+    return build
 
 
 @pytest.fixture(scope="session")

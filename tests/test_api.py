@@ -8,18 +8,14 @@ from pathlib import Path
 
 import pytest
 from blendrag.api.app import create_app
-from blendrag.retriever import build_index
 from fastapi.testclient import TestClient
 
-CORPUS = Path(__file__).resolve().parents[1] / "samples" / "corpus"
 QUESTION = "Who kept the Saint Orvo lighthouse?"
 
 
 @pytest.fixture(scope="module")
-def index_dir(tmp_path_factory, tiny_engine) -> Path:
-    path = tmp_path_factory.mktemp("api-index")
-    build_index([CORPUS], path, tiny_engine)
-    return path
+def index_dir(new_sample_index) -> Path:
+    return new_sample_index("api-index")
 
 
 @pytest.fixture(scope="module")

@@ -6,16 +6,13 @@ import json
 import socket
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import openai
 import pytest
 import uvicorn
 from blendrag.api.app import create_app
-from blendrag.retriever import build_index
 
-CORPUS = Path(__file__).resolve().parents[1] / "samples" / "corpus"
 QUESTIONS = [
     "Who kept the Saint Orvo lighthouse?",
     "What does the Aquaflux 300 manual say about descaling?",
@@ -49,9 +46,8 @@ class ServerThread:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, tiny_engine) -> str:
-    index_dir = tmp_path_factory.mktemp("server-index")
-    build_index([CORPUS], index_dir, tiny_engine)
+def server(new_sample_index, tiny_engine) -> str:
+    index_dir = new_sample_index("server-index")
     with ServerThread(create_app(tiny_engine, index_dir, model_name="tiny-llama")) as running:
         yield running.url
 

@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 from blendrag.api.app import create_app
 from blendrag.api.langchain import BlendRAGRetriever, ChatBlendRAG, blend_prompt
-from blendrag.retriever import build_index
 from langchain_core.documents import Document
 from langchain_core.messages import HumanMessage
 from langchain_core.runnables import RunnablePassthrough
@@ -24,16 +23,13 @@ ASYNC_SUITE = [
     pytest.mark.filterwarnings("ignore:The test <Function .* is marked with '@pytest.mark.asyncio'"),
 ]
 
-CORPUS = Path(__file__).resolve().parents[1] / "samples" / "corpus"
 QUESTION = "Who kept the Saint Orvo lighthouse?"
 DOCS = ["The Zephyr zeppelin is moored at Quarry Hill.", "Barn owls nest in the old mill."]
 
 
 @pytest.fixture(scope="module")
-def index_dir(tmp_path_factory, tiny_engine) -> Path:
-    path = tmp_path_factory.mktemp("lc-index")
-    build_index([CORPUS], path, tiny_engine)
-    return path
+def index_dir(new_sample_index) -> Path:
+    return new_sample_index("lc-index")
 
 
 @pytest.fixture(scope="module")
