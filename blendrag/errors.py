@@ -5,9 +5,5 @@ class BlendRAGError(Exception):
     """Base class: a problem with the user's input or data, reported without a stack trace."""
 
 
-class IndexError_(BlendRAGError):
-    """The index directory is missing, empty, or was built by another model."""
-
-
 class CorruptEntry(BlendRAGError):
     """A stored KV entry failed its checksum or could not be parsed; it is dropped and recomputed."""

@@ -51,9 +51,9 @@ class LayerLoopResult:
 
 
 def causal_mask(positions: torch.Tensor, length: int) -> Mask | None:
-    """The mask for queries at ``positions`` over ``length`` slots: None when they are all
-    ``length`` positions in order (plain causal attention does it, and faster), else the
-    causal-by-position mask from the kernels."""
+    """The mask for queries at ``positions`` over ``length`` slots: None when plain causal
+    attention means the same (all ``length`` positions, or one query at the last position),
+    else the causal-by-position mask from the kernels."""
     if positions.numel() == length or (positions.numel() == 1 and int(positions[0]) == length - 1):
         return None
     return kernels.selective_mask(positions, length)

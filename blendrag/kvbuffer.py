@@ -25,10 +25,6 @@ class KVBuffer:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.length = 0  # positions [0, length) hold valid entries
 
-    @property
-    def capacity(self) -> int:
-        return self.k.shape[2]
-
     def load(self, segments: list[tuple[int, ChunkKV]], rotary: Rotary) -> None:
         """Copy stored segments in at their start positions, then rotate their (un-rotated) keys
         to those positions: one realignment over all layers and segments, with the same
