@@ -7,8 +7,8 @@ from typing import Literal
 
 Mode = Literal["full", "prefix", "reuse", "blend"]
 MODES: tuple[str, ...] = ("full", "prefix", "reuse", "blend")
-Selector = Literal["deviation", "attention", "attention_deviation"]
-SELECTORS: tuple[str, ...] = ("deviation", "attention", "attention_deviation")
+Selector = Literal["deviation", "attention", "attention_deviation", "preview"]
+SELECTORS: tuple[str, ...] = ("deviation", "attention", "attention_deviation", "preview")
 
 
 @dataclass(frozen=True)
@@ -23,6 +23,9 @@ class BlendConfig:
         ``attention``: attention weight the question's queries give each token (query-aware).
         ``attention_deviation``: their product, an estimate of each token's error contribution
         to the question's attention output.
+        ``preview``: before blending, the question alone runs over the reused KV (what ``reuse``
+        computes) and the attention its queries pay each chunk token, summed over layers from
+        ``preview_from`` on, ranks the tokens (query-aware, and aware of the deep layers).
     gradual_layers: extra filter layers after the check layer (CacheBlend's gradual filtering):
         the kept share halves at each, from ``ratio * 2**g`` down to ``ratio``.
     first_k: always recompute the first k tokens of every chunk (EPIC's fix for the attention
@@ -34,6 +37,8 @@ class BlendConfig:
     selector: Selector = "deviation"
     gradual_layers: int = 0
     first_k: int = 0
+    preview_from: int = 0
+    preview_last: int = 0
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.recompute_ratio <= 1.0:

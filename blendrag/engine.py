@@ -28,7 +28,7 @@ from .loading import LoadedModel, blendrag_home, load_model
 from .prompt import PromptFormat, RAGPrompt
 from .rope import Rotary
 from .sampling import Detokenizer, Sampler, SamplingParams
-from .selection import make_filters
+from .selection import make_filters, preview_attention
 from .store import KVStore, open_store
 from .store.base import ChunkKV
 
@@ -218,9 +218,9 @@ class BlendEngine:
             return torch.arange(segments[-1][0] + segments[-1][1].n_tokens, n), None, hits, misses
         if mode == "reuse":
             return torch.arange(prompt.suffix_start, n), None, hits, misses
-        return (*self._blend_plan(cfg, prompt, exact_first), hits, misses)
+        return (*self._blend_plan(cfg, prompt, exact_first, buf), hits, misses)
 
-    def _blend_plan(self, cfg: BlendConfig, prompt: RAGPrompt, exact_first: bool):
+    def _blend_plan(self, cfg: BlendConfig, prompt: RAGPrompt, exact_first: bool, buf: KVBuffer):
         # An exact first chunk needs no recompute at all: it starts after the same prefix.
         skip = len(prompt.chunks[0]) if exact_first and prompt.chunks else 0
         positions = torch.arange(len(prompt.prefix) + skip, len(prompt.ids))
@@ -233,7 +233,12 @@ class BlendEngine:
             dtype=torch.long,
         )
         n_chunk_tokens = prompt.suffix_start - len(prompt.prefix)
-        return positions, make_filters(cfg, n_chunk_tokens, prompt.suffix_start, forced)
+        prior = None
+        if cfg.selector == "preview":
+            suffix = torch.arange(prompt.suffix_start, len(prompt.ids))
+            ids = torch.tensor(prompt.suffix)
+            prior = preview_attention(cfg, self.model, self.rotary, buf, ids, suffix)
+        return positions, make_filters(cfg, n_chunk_tokens, prompt.suffix_start, forced, prior)
 
     # ---- decoding ---------------------------------------------------------------------------
 
@@ -281,6 +286,18 @@ class BlendEngine:
         yield detok.flush()
         stats = dict(pre.stats, n_generated=len(detok.ids), decode_s=time.perf_counter() - start)
         yield Generation(detok.text, detok.ids, stats, finish, pre.logits)
+
+    @torch.inference_mode()
+    def continuation_logits(self, pre: Prefill, token_ids: list[int]) -> torch.Tensor:
+        """Teacher forcing: append ``token_ids`` after the prefilled prompt in one pass and return
+        the next-token logits after each of them, ``[len(token_ids), vocab]``. Greedy decoding
+        from ``pre`` reproduces ``token_ids`` exactly when every row's argmax is the next id."""
+        buf = pre.kv
+        start = buf.length
+        buf.length += len(token_ids)
+        positions = torch.arange(start, buf.length)
+        out = run_layers(self.model, self.rotary, buf, torch.tensor(token_ids), positions)
+        return self.model.logits(out.hidden)
 
     def _step(self, buf: KVBuffer, token: int) -> torch.Tensor:
         position = buf.length

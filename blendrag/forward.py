@@ -44,10 +44,14 @@ Filter = Callable[[LayerView], torch.Tensor]
 
 @dataclass
 class LayerLoopResult:
-    last_hidden: torch.Tensor  # hidden state of the last active token after the final layer
+    hidden: torch.Tensor  # hidden states of the active tokens after the final layer
     n_active_per_layer: list[int]
     captured_k: list[torch.Tensor] = field(default_factory=list)  # per layer, before RoPE
     captured_v: list[torch.Tensor] = field(default_factory=list)
+
+    @property
+    def last_hidden(self) -> torch.Tensor:
+        return self.hidden[-1]
 
 
 def causal_mask(positions: torch.Tensor, length: int) -> Mask | None:
@@ -90,5 +94,5 @@ def run_layers(
             kv.write(i, positions, k, v)
         result.n_active_per_layer.append(positions.numel())
         h = block.finish(h, q, kv.keys(i), kv.values(i), mask)
-    result.last_hidden = h[-1]
+    result.hidden = h
     return result

@@ -7,7 +7,10 @@ import math
 import torch
 
 from .config import BlendConfig
-from .forward import Filter, LayerView
+from .forward import Filter, LayerView, run_layers
+from .kvbuffer import KVBuffer
+from .model import Transformer
+from .rope import Rotary
 
 
 def question_attention(view: LayerView, question_rows: torch.Tensor) -> torch.Tensor:
@@ -23,8 +26,38 @@ def question_attention(view: LayerView, question_rows: torch.Tensor) -> torch.Te
     return scores.softmax(dim=-1).mean(dim=(0, 1))
 
 
-def token_scores(config: BlendConfig, view: LayerView, question_rows: torch.Tensor) -> torch.Tensor:
+def preview_attention(
+    config: BlendConfig,
+    model: Transformer,
+    rotary: Rotary,
+    kv: KVBuffer,
+    token_ids: torch.Tensor,
+    positions: torch.Tensor,
+) -> torch.Tensor:
+    """Run the question (``token_ids`` at ``positions``) over the reused KV in ``kv`` and return
+    the attention its queries pay every buffer position, summed over layers >= ``preview_from``:
+    ``[kv.length]``. The question's K/V it leaves in ``kv`` are overwritten by the blend pass."""
+    total = torch.zeros(kv.length)
+    rows = torch.arange(positions.numel())[-config.preview_last :] if config.preview_last else None
+
+    def observe(view: LayerView) -> torch.Tensor:
+        nonlocal total
+        watched = rows if rows is not None else torch.arange(view.positions.numel())
+        total += question_attention(view, watched)
+        return torch.arange(view.positions.numel())
+
+    observers = {layer: observe for layer in range(config.preview_from, model.args.n_layers)}
+    run_layers(model, rotary, kv, token_ids, positions, observers)
+    return total
+
+
+def token_scores(
+    config: BlendConfig, view: LayerView, question_rows: torch.Tensor, prior: torch.Tensor | None
+) -> torch.Tensor:
     """Score of every active row (higher = recompute first)."""
+    if config.selector == "preview":
+        assert prior is not None, "the preview selector needs preview_attention's scores"
+        return prior[view.positions]
     if config.selector == "deviation":
         return view.deviation
     attention = question_attention(view, question_rows)[view.positions]
@@ -38,6 +71,7 @@ def make_filters(
     n_chunk_tokens: int,
     suffix_start: int,
     forced_positions: torch.Tensor,
+    prior: torch.Tensor | None = None,
 ) -> dict[int, Filter]:
     """Filters for ``run_layers``: at each filter layer keep the question rows, the forced
     positions (EPIC's first-k) and the top-scored chunk rows, up to that layer's budget."""
@@ -46,16 +80,22 @@ def make_filters(
         if share >= 1.0:
             continue
         budget = round(share * n_chunk_tokens)
-        filters[layer] = _filter(config, budget, suffix_start, forced_positions)
+        filters[layer] = _filter(config, budget, suffix_start, forced_positions, prior)
     return filters
 
 
-def _filter(config: BlendConfig, budget: int, suffix_start: int, forced_positions: torch.Tensor) -> Filter:
+def _filter(
+    config: BlendConfig,
+    budget: int,
+    suffix_start: int,
+    forced_positions: torch.Tensor,
+    prior: torch.Tensor | None,
+) -> Filter:
     def keep(view: LayerView) -> torch.Tensor:
         is_question = view.positions >= suffix_start
         question_rows = is_question.nonzero().flatten()
         forced = torch.isin(view.positions, forced_positions) & ~is_question
-        scores = token_scores(config, view, question_rows)
+        scores = token_scores(config, view, question_rows, prior)
         # Forced rows first, question rows never compete: they are always kept.
         scores = scores.masked_fill(forced, float("inf")).masked_fill(is_question, float("-inf"))
         n_chunk_rows = int((~is_question).sum())

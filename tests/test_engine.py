@@ -19,15 +19,21 @@ CHUNKS = [
 QUESTION = "Who built the lighthouse at Varden Point?"
 
 
-def test_blend_at_ratio_one_equals_full(tiny_engine):
+@pytest.mark.parametrize(
+    "config",
+    [BlendConfig(recompute_ratio=1.0), BlendConfig(recompute_ratio=1.0, selector="preview", check_layer=0)],
+    ids=["deviation", "preview"],
+)
+def test_blend_at_ratio_one_equals_full(tiny_engine, config):
+    """Also proves the preview pass leaves nothing behind in the KV it shares with blending."""
     full = tiny_engine.prefill(CHUNKS, QUESTION, mode="full")
-    blend = tiny_engine.prefill(CHUNKS, QUESTION, mode="blend", recompute_ratio=1.0)
+    blend = tiny_engine.prefill(CHUNKS, QUESTION, mode="blend", config=config)
     torch.testing.assert_close(blend.logits, full.logits, atol=1e-4, rtol=1e-4)
     assert blend.stats["n_recomputed"] == full.stats["n_tokens"] - len(full.prompt.prefix) - len(
         full.prompt.chunks[0]
     )
     g_full = tiny_engine.generate(CHUNKS, QUESTION, mode="full", max_new_tokens=12)
-    g_blend = tiny_engine.generate(CHUNKS, QUESTION, mode="blend", recompute_ratio=1.0, max_new_tokens=12)
+    g_blend = tiny_engine.generate(CHUNKS, QUESTION, mode="blend", config=config, max_new_tokens=12)
     assert g_blend.token_ids == g_full.token_ids
 
 
@@ -54,7 +60,7 @@ def test_reuse_differs_from_full(tiny_engine):
     assert (reuse.logits - full.logits).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("selector", ["deviation", "attention", "attention_deviation"])
+@pytest.mark.parametrize("selector", ["deviation", "attention", "attention_deviation", "preview"])
 @pytest.mark.parametrize("ratio", [0.0, 0.3])
 def test_question_always_recomputed_and_budget_respected(tiny_engine, selector, ratio):
     cfg = BlendConfig(recompute_ratio=ratio, selector=selector, first_k=2, gradual_layers=1)
@@ -138,6 +144,58 @@ def test_recomputed_token_never_attends_to_later_positions(tiny_engine):
         buf.length = 40
         outs.append(run_layers(tiny_engine.model, tiny_engine.rotary, buf, ids, positions).last_hidden)
     torch.testing.assert_close(outs[0], outs[1], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("mode", ["full", "reuse"])
+def test_continuation_logits_equal_step_by_step_decoding(tiny_engine, mode):
+    """Teacher forcing (eval.fidelity's shortcut) gives the logits greedy decoding sees."""
+    out = tiny_engine.generate(CHUNKS, QUESTION, mode=mode, max_new_tokens=8)
+    ids = out.token_ids
+    assert len(ids) >= 2, "tiny model stopped too early for this test"
+    pre = tiny_engine.prefill(CHUNKS, QUESTION, mode=mode, max_new_tokens=len(ids))
+    forced = tiny_engine.continuation_logits(pre, ids)
+    assert forced.argmax(-1).tolist()[:-1] == ids[1:]
+    pre2 = tiny_engine.prefill(CHUNKS, QUESTION, mode=mode, max_new_tokens=len(ids))
+    for i, token in enumerate(ids):
+        step = tiny_engine.continuation_logits(pre2, [token])[0]
+        torch.testing.assert_close(step, forced[i], atol=1e-4, rtol=1e-4)
+
+
+def test_preview_recomputes_the_tokens_the_question_attends_to(tiny_engine, monkeypatch):
+    """The preview scores are the question's attention over the reused KV: the kept chunk rows
+    are exactly the top-scored ones."""
+    from blendrag.selection import preview_attention
+
+    cfg = BlendConfig(recompute_ratio=0.2, selector="preview")
+    prompt = tiny_engine.prompt_format.build(CHUNKS, QUESTION)
+    reuse = tiny_engine.prefill(CHUNKS, QUESTION, mode="reuse")
+    suffix = torch.arange(prompt.suffix_start, len(prompt.ids))
+    with torch.inference_mode():
+        scores = preview_attention(
+            cfg, tiny_engine.model, tiny_engine.rotary, reuse.kv, torch.tensor(prompt.suffix), suffix
+        )
+    assert scores.shape == (len(prompt.ids),)
+    kept = {}
+    import blendrag.engine as engine_mod
+
+    real = engine_mod.run_layers
+
+    def spy(model, rotary, kv, ids, positions, filters=None, capture=False):
+        def record(view, f=filters[1]):
+            keep = f(view)
+            kept["positions"] = view.positions[keep].tolist()
+            return keep
+
+        return real(model, rotary, kv, ids, positions, {1: record} if filters else None, capture)
+
+    monkeypatch.setattr(engine_mod, "run_layers", spy)
+    tiny_engine.prefill(CHUNKS, QUESTION, mode="blend", config=cfg)
+    first = len(prompt.prefix) + len(prompt.chunks[0])  # exact first chunk (prefix context)
+    candidates = torch.arange(first, prompt.suffix_start)
+    budget = round(0.2 * (prompt.suffix_start - len(prompt.prefix)))
+    expected = candidates[scores[candidates].topk(budget).indices].tolist()
+    chunk_kept = [p for p in kept["positions"] if p < prompt.suffix_start]
+    assert sorted(chunk_kept) == sorted(expected)
 
 
 def test_full_mode_ignores_the_store(tiny_dirs):

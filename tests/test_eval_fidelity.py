@@ -1,0 +1,69 @@
+"""The teacher-forced fidelity screen (eval.fidelity) on a tiny random-weight model."""
+
+import pytest
+
+from blendrag import BlendConfig
+from eval import fidelity
+from eval.quality import Backend, Variant
+
+ITEMS = [
+    {
+        "question": "Who built the lighthouse at Varden Point?",
+        "answers": ["Hilde Marsk"],
+        "ctxs": [
+            {"title": "Varden Point", "text": "The lighthouse was built in 1871 by Hilde Marsk."},
+            {"title": "Marsk", "text": "Marsk trained in Bergen and designed three harbours."},
+            {"title": "Lens", "text": "In 1903 the lamp was replaced by a Fresnel lens."},
+        ],
+    },
+    {
+        "question": "When was the lamp replaced?",
+        "answers": ["1903"],
+        "ctxs": [
+            {"title": "Lens", "text": "In 1903 the lamp was replaced by a Fresnel lens."},
+            {"title": "Keepers", "text": "Four keepers lived at the station until 1960."},
+        ],
+    },
+]
+
+
+def test_parse_variants():
+    assert fidelity.parse_variants("reuse; deviation,first_k=4@0.15") == [
+        Variant("reuse", "reuse"),
+        Variant("deviation,first_k=4@0.15", "blend", 0.15, "deviation,first_k=4"),
+    ]
+    with pytest.raises(ValueError, match="needs a ratio"):
+        fidelity.parse_variants("deviation")
+
+
+def test_identical_is_exact_and_references_are_cached(tiny_engine, tmp_path, monkeypatch):
+    backend = Backend(tiny_engine, BlendConfig())
+    variants = fidelity.parse_variants("deviation@1.0;reuse")
+    records = fidelity.evaluate(backend, ITEMS, variants, top_k=3, max_new_tokens=8, cache=tmp_path)
+    for item, record in zip(ITEMS, records, strict=True):
+        exact = record["results"]["deviation@1.0"]
+        assert exact["identical"] == 1.0 and exact["kl_first"] < 1e-6
+        # Teacher forcing must agree with real greedy decoding, token for token.
+        chunks = [f"{c['title']}\n{c['text']}" for c in item["ctxs"]]
+        full = tiny_engine.generate(chunks, item["question"], mode="full", max_new_tokens=8)
+        reuse = tiny_engine.generate(chunks, item["question"], mode="reuse", max_new_tokens=8)
+        same = reuse.token_ids == full.token_ids and reuse.finish_reason == full.finish_reason
+        assert record["results"]["reuse"]["identical"] == float(same)
+    assert len(list(tmp_path.glob("*.pt"))) == len(ITEMS)
+
+    def no_recompute(*args, **kwargs):
+        raise AssertionError("the cached reference should have been used")
+
+    monkeypatch.setattr(fidelity, "compute_reference", no_recompute)
+    again = fidelity.evaluate(backend, ITEMS, variants, top_k=3, max_new_tokens=8, cache=tmp_path)
+
+    def quality(recs):  # everything but the timings, which differ from run to run
+        return [
+            {v: {k: x for k, x in r.items() if k != "ttft_s"} for v, r in rec["results"].items()}
+            for rec in recs
+        ]
+
+    assert quality(again) == quality(records)
+    summary = fidelity.summarize_all(again, variants)
+    assert [row["name"] for row in summary] == ["deviation@1.0", "reuse"]
+    assert summary[0]["identical"] == 1.0
