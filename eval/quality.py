@@ -353,6 +353,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help='blend configs, ";"-separated; each a selector and BlendConfig overrides, '
         'e.g. "deviation;attention,check_layer=2,first_k=4"',
     )
+    p.add_argument(
+        "--retrieve",
+        action="store_true",
+        help="end to end: index every passage of the dataset with the project's indexer, then "
+        "retrieve each question's top-k chunks from it (default: the dataset's first k passages)",
+    )
+    p.add_argument(
+        "--index-dir", type=Path, default=None, help="with --retrieve (default: runs/<dataset>-index)"
+    )
     p.add_argument("--kv-store", default=None, help="KV store spec (default: the engine's default)")
     p.add_argument("--chunk-context", default="none", choices=["none", "prefix"])
     p.add_argument("--model", default=None, help="local checkpoint dir (default: the engine's default model)")
@@ -376,6 +385,15 @@ def write_outputs(
         plot_fidelity(summary, fidelity_path(args.plot))
 
 
+def chunk_source(args: argparse.Namespace, backend: Backend, items: list[Item]) -> ChunkSource:
+    if not args.retrieve:
+        return dataset_chunks(args.top_k)
+    from eval.retrieve import retrieved_chunks  # the retriever's imports are heavy
+
+    index_dir = args.index_dir or Path("runs") / f"{args.dataset.stem}-index"
+    return retrieved_chunks(backend.engine, items, index_dir, args.top_k)
+
+
 def main(argv: Sequence[str] | None = None, backend_factory: Callable[..., Backend] = load_backend) -> int:
     args = parse_args(argv)
     try:
@@ -390,7 +408,7 @@ def main(argv: Sequence[str] | None = None, backend_factory: Callable[..., Backe
             backend.config_for(variant)
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None
-    records = evaluate(backend, items, variants, dataset_chunks(args.top_k), args.max_new_tokens)
+    records = evaluate(backend, items, variants, chunk_source(args, backend, items), args.max_new_tokens)
     summary = summarize_all(records, variants)
     print(format_table(summary))
     write_outputs(args, summary, records)

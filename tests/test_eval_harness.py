@@ -179,3 +179,31 @@ def test_bad_selector_fails_before_any_engine_work(dataset):
     with pytest.raises(SystemExit, match="unknown selector 'bogus'"):
         _run_main(["--dataset", str(dataset), "--configs", "deviation;bogus"], engine)
     assert engine.log == []
+
+
+def test_retrieve_mode_indexes_the_passages_once_and_retrieves_per_question(tiny_engine, tmp_path):
+    from eval.retrieve import retrieved_chunks, write_corpus
+
+    items = [
+        {
+            "question": "Which river flows through the Quillon valley?",
+            "answers": ["Sarn"],
+            "ctxs": [
+                {"title": "Quillon valley", "text": "The river Sarn flows through the Quillon valley."},
+                {"title": "Harbour", "text": "The harbour of Tessaline was rebuilt in 1921."},
+            ],
+        },
+        {
+            "question": "When was the harbour of Tessaline rebuilt?",
+            "answers": ["1921"],
+            "ctxs": [
+                {"title": "Harbour", "text": "The harbour of Tessaline was rebuilt in 1921."},
+                {"title": "Bells", "text": "The chapel bells were cast in Lyon."},
+            ],
+        },
+    ]
+    assert write_corpus(items, tmp_path / "c.jsonl") == 3  # the shared passage once
+    source = retrieved_chunks(tiny_engine, items, tmp_path / "index", top_k=2)
+    assert "Sarn" in source(items[0])[0]
+    assert "1921" in source(items[1])[0]
+    assert all(tiny_engine.has_kv(c) for item in items for c in source(item))
