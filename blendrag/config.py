@@ -24,8 +24,9 @@ class BlendConfig:
         ``attention_deviation``: their product, an estimate of each token's error contribution
         to the question's attention output.
         ``preview``: before blending, the question alone runs over the reused KV (what ``reuse``
-        computes) and the attention its queries pay each chunk token, summed over layers from
-        ``preview_from`` on, ranks the tokens (query-aware, and aware of the deep layers).
+        computes), then drafts ``preview_draft`` answer tokens greedily; the attention their
+        queries pay each chunk token, summed over all layers, ranks the tokens (query- and
+        answer-aware, and aware of the deep layers that layer-1 deviation cannot see).
     gradual_layers: extra filter layers after the check layer (CacheBlend's gradual filtering):
         the kept share halves at each, from ``ratio * 2**g`` down to ``ratio``.
     first_k: always recompute the first k tokens of every chunk (EPIC's fix for the attention
@@ -37,14 +38,13 @@ class BlendConfig:
     selector: Selector = "deviation"
     gradual_layers: int = 0
     first_k: int = 0
-    preview_from: int = 0
-    preview_last: int = 0
+    preview_draft: int = 0
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.recompute_ratio <= 1.0:
             raise ValueError(f"recompute_ratio must be in [0, 1], got {self.recompute_ratio}")
-        if self.check_layer < 0 or self.gradual_layers < 0 or self.first_k < 0:
-            raise ValueError("check_layer, gradual_layers and first_k must be >= 0")
+        if min(self.check_layer, self.gradual_layers, self.first_k, self.preview_draft) < 0:
+            raise ValueError("check_layer, gradual_layers, first_k and preview_draft must be >= 0")
         if self.selector not in SELECTORS:
             raise ValueError(f"selector must be one of {SELECTORS}, got {self.selector!r}")
 

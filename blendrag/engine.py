@@ -20,6 +20,7 @@ from typing import Literal
 
 import numpy as np
 import torch
+from torch.profiler import record_function
 
 from .config import MODES, BlendConfig, Mode
 from .forward import run_layers
@@ -182,7 +183,8 @@ class BlendEngine:
         start = time.perf_counter()
         prompt = self.prompt_format.build(chunks, question)
         ids = torch.tensor(prompt.ids)
-        buf = KVBuffer(self.model.args, len(ids) + max_new_tokens, self.dtype)
+        # Room after the prompt: decoding's tokens, or the preview's draft tokens.
+        buf = KVBuffer(self.model.args, len(ids) + max(max_new_tokens, cfg.preview_draft), self.dtype)
         buf.length = len(ids)
         positions, filters, hits, misses = self._plan(mode, cfg, prompt, buf)
         out = run_layers(self.model, self.rotary, buf, ids[positions], positions, filters)
@@ -206,13 +208,15 @@ class BlendEngine:
         exact_first = self.chunk_context == "prefix" and prompt.prefix == self.prompt_format.prefix_ids
         # prefix mode reuses only what is exact: the prefix, and the first chunk when it is exact.
         n_reused = (1 if exact_first else 0) if mode == "prefix" else len(prompt.chunks)
-        segments = [(0, self._segment([], prompt.prefix)[0])]
-        hits = 0
-        for offset, chunk in list(zip(prompt.chunk_offsets(), prompt.chunks, strict=True))[:n_reused]:
-            kv, hit = self._segment(self._context_ids(), chunk)
-            segments.append((offset, kv))
-            hits += hit
-        buf.load(segments, self.rotary)
+        with record_function("blendrag.store_read"):
+            segments = [(0, self._segment([], prompt.prefix)[0])]
+            hits = 0
+            for offset, chunk in list(zip(prompt.chunk_offsets(), prompt.chunks, strict=True))[:n_reused]:
+                kv, hit = self._segment(self._context_ids(), chunk)
+                segments.append((offset, kv))
+                hits += hit
+        with record_function("blendrag.realign"):
+            buf.load(segments, self.rotary)
         misses = len(segments) - 1 - hits
         if mode == "prefix":
             return torch.arange(segments[-1][0] + segments[-1][1].n_tokens, n), None, hits, misses
@@ -237,7 +241,8 @@ class BlendEngine:
         if cfg.selector == "preview":
             suffix = torch.arange(prompt.suffix_start, len(prompt.ids))
             ids = torch.tensor(prompt.suffix)
-            prior = preview_attention(cfg, self.model, self.rotary, buf, ids, suffix)
+            with record_function("blendrag.preview"):
+                prior = preview_attention(cfg, self.model, self.rotary, buf, ids, suffix)
         return positions, make_filters(cfg, n_chunk_tokens, prompt.suffix_start, forced, prior)
 
     # ---- decoding ---------------------------------------------------------------------------

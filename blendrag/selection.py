@@ -34,21 +34,27 @@ def preview_attention(
     token_ids: torch.Tensor,
     positions: torch.Tensor,
 ) -> torch.Tensor:
-    """Run the question (``token_ids`` at ``positions``) over the reused KV in ``kv`` and return
-    the attention its queries pay every buffer position, summed over layers >= ``preview_from``:
-    ``[kv.length]``. The question's K/V it leaves in ``kv`` are overwritten by the blend pass."""
-    total = torch.zeros(kv.length)
-    rows = torch.arange(positions.numel())[-config.preview_last :] if config.preview_last else None
+    """The attention that the question (``token_ids`` at ``positions``), then ``preview_draft``
+    answer tokens it greedily drafts, pay every prompt position over the reused KV in ``kv``,
+    summed over all layers: ``[kv.length]``. Each draft token weighs as much as the whole
+    question: the answer's tokens read other chunk tokens than the question does. What this
+    leaves in ``kv`` (the question's K/V, drafts past ``kv.length``) is overwritten later."""
+    n_prompt = kv.length
+    total = torch.zeros(n_prompt + config.preview_draft)
 
     def observe(view: LayerView) -> torch.Tensor:
-        nonlocal total
-        watched = rows if rows is not None else torch.arange(view.positions.numel())
-        total += question_attention(view, watched)
-        return torch.arange(view.positions.numel())
+        rows = torch.arange(view.positions.numel())
+        total[: view.kv.length] += question_attention(view, rows)
+        return rows
 
-    observers = {layer: observe for layer in range(config.preview_from, model.args.n_layers)}
-    run_layers(model, rotary, kv, token_ids, positions, observers)
-    return total
+    observers = dict.fromkeys(range(model.args.n_layers), observe)
+    out = run_layers(model, rotary, kv, token_ids, positions, observers)
+    for _ in range(config.preview_draft):
+        token = model.logits(out.last_hidden).argmax()
+        kv.length += 1
+        out = run_layers(model, rotary, kv, token[None], torch.tensor([kv.length - 1]), observers)
+    kv.length = n_prompt
+    return total[:n_prompt]
 
 
 def token_scores(

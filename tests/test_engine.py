@@ -21,7 +21,10 @@ QUESTION = "Who built the lighthouse at Varden Point?"
 
 @pytest.mark.parametrize(
     "config",
-    [BlendConfig(recompute_ratio=1.0), BlendConfig(recompute_ratio=1.0, selector="preview", check_layer=0)],
+    [
+        BlendConfig(recompute_ratio=1.0),
+        BlendConfig(recompute_ratio=1.0, selector="preview", check_layer=0, preview_draft=3),
+    ],
     ids=["deviation", "preview"],
 )
 def test_blend_at_ratio_one_equals_full(tiny_engine, config):
@@ -166,9 +169,9 @@ def test_preview_recomputes_the_tokens_the_question_attends_to(tiny_engine, monk
     are exactly the top-scored ones."""
     from blendrag.selection import preview_attention
 
-    cfg = BlendConfig(recompute_ratio=0.2, selector="preview")
+    cfg = BlendConfig(recompute_ratio=0.2, selector="preview", preview_draft=2)
     prompt = tiny_engine.prompt_format.build(CHUNKS, QUESTION)
-    reuse = tiny_engine.prefill(CHUNKS, QUESTION, mode="reuse")
+    reuse = tiny_engine.prefill(CHUNKS, QUESTION, mode="reuse", max_new_tokens=cfg.preview_draft)
     suffix = torch.arange(prompt.suffix_start, len(prompt.ids))
     with torch.inference_mode():
         scores = preview_attention(
