@@ -95,3 +95,17 @@ def test_summarize_mean_and_percentiles():
     assert stats["p90"] == pytest.approx(9.1)  # 9 + 0.1 * (10 - 9), linear interpolation
     assert summarize([2.0]) == {"mean": 2.0, "p50": 2.0, "p90": 2.0}
     assert all(math.isnan(v) for v in summarize([]).values())
+
+
+def test_deviation_layer_report_on_known_errors():
+    from eval.deviation import layer_report
+
+    full = torch.ones(3, 2, 10, 4)  # [layers, kv heads, tokens, head dim]
+    reuse = full.clone()
+    reuse[:, :, :2] += 1.0  # the same two tokens are off at every layer (8 each)
+    reuse[2, :, 5] += 3.0  # and at layer 2 a third, worse one (72)
+    rows = layer_report(full, reuse, ratio=0.2)  # the worst 2 of 10 tokens
+    assert rows[1]["relative_error"] == pytest.approx((16 / 80) ** 0.5)
+    assert (rows[1]["worst_share"], rows[1]["overlap_with_layer_1"]) == (1.0, 1.0)
+    assert rows[2]["worst_share"] == pytest.approx(80 / 88)
+    assert rows[2]["overlap_with_layer_1"] == 0.5

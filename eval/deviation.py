@@ -1,0 +1,70 @@
+"""Where reused chunk KV deviates from full prefill, layer by layer.
+
+    python -m eval.deviation --dataset ../shared/data/musique_dev.json --n 2
+
+For each question: full prefill and reuse (every chunk's KV as precomputed, nothing recomputed)
+of the same prompt, then per layer, over the chunk tokens: the relative error of the reused V,
+the share of that error held by the worst ``--ratio`` of tokens (is it sparse enough for a few
+recomputed tokens to fix?), and how many of those worst tokens are also the worst at layer 1
+(can a layer-1 score, CacheBlend's, find them?).
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from eval.quality import dataset_chunks, load_backend, load_dataset
+
+
+def layer_report(full_v: torch.Tensor, reuse_v: torch.Tensor, ratio: float) -> list[dict[str, float]]:
+    """``*_v``: ``[n_layers, n_kv_heads, n_chunk_tokens, head_dim]``; one row per layer."""
+    err = (full_v - reuse_v).pow(2).sum(dim=(1, 3))  # [layers, tokens]
+    k = max(1, round(ratio * err.shape[1]))
+    worst_at_1 = set(err[min(1, len(err) - 1)].topk(k).indices.tolist())
+    rows = []
+    for layer, e in enumerate(err):
+        worst = e.topk(k)
+        rows.append(
+            {
+                "layer": layer,
+                "relative_error": float((e.sum() / full_v[layer].pow(2).sum()).sqrt()),
+                "worst_share": float(worst.values.sum() / e.sum()),
+                "overlap_with_layer_1": len(worst_at_1 & set(worst.indices.tolist())) / k,
+            }
+        )
+    return rows
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m eval.deviation", description=__doc__.splitlines()[0])
+    p.add_argument("--dataset", type=Path, required=True)
+    p.add_argument("--n", type=int, default=2)
+    p.add_argument("--top-k", type=int, default=6)
+    p.add_argument("--ratio", type=float, default=0.15)
+    p.add_argument("--chunk-context", default="none", choices=["none", "prefix"])
+    args = p.parse_args(argv)
+    engine = load_backend(None, "memory", args.chunk_context).engine
+    source = dataset_chunks(args.top_k)
+    for item in load_dataset(args.dataset, args.n):
+        chunks = source(item)
+        full = engine.prefill(chunks, item["question"], mode="full")
+        reuse = engine.prefill(chunks, item["question"], mode="reuse")
+        lo, hi = len(full.prompt.prefix), full.prompt.suffix_start
+        rows = layer_report(full.kv.v[:, :, lo:hi], reuse.kv.v[:, :, lo:hi], args.ratio)
+        print(f"{item['question']}  ({hi - lo} chunk tokens)")
+        worst = f"worst {args.ratio:.0%} share"
+        print(f"{'layer':>5}  {'rel. V error':>12}  {worst:>17}  {'overlap L1':>10}")
+        for r in rows:
+            print(
+                f"{r['layer']:>5}  {r['relative_error']:>12.3f}  {r['worst_share']:>17.2f}"
+                f"  {r['overlap_with_layer_1']:>10.2f}"
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
