@@ -121,7 +121,7 @@ def score_variant(
     return {
         "identical": float(first_miss == len(agree)),
         "identical_first_line": float(first_miss >= ref.first_line_len),
-        "first_miss": first_miss,
+        "first_miss": first_miss,  # answer tokens agreed before the first divergence
         "kl_first": kl_divergence(ref.first_logits, pre.logits),
         "delta_nll": float(nll.mean()) - sum(ref.nll) / len(ref.nll),
         "ttft_s": pre.stats["ttft_s"],
@@ -164,10 +164,11 @@ def summarize_all(records: list[dict[str, Any]], variants: list[Variant]) -> lis
 
 def format_table(summary: list[dict[str, Any]]) -> str:
     width = max(len(r["name"]) for r in summary)
-    lines = [f"{'variant':<{width}}  ident  line1  KL1     dNLL    TTFT s  recomp"]
+    lines = [f"{'variant':<{width}}  ident  line1  agreed  KL1     dNLL    TTFT s  recomp"]
     for r in summary:
         lines.append(
             f"{r['name']:<{width}}  {r['identical']:.2f}   {r['identical_first_line']:.2f}   "
+            f"{r['first_miss']:>6.1f}  "
             f"{r['kl_first']:.4f}  {r['delta_nll']:.4f}  {r['ttft_s']:.2f}    {r['recomputed_frac']:.1%}"
         )
     return "\n".join(lines)
