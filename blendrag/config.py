@@ -13,11 +13,13 @@ SELECTORS: tuple[str, ...] = ("deviation", "attention", "attention_deviation", "
 
 @dataclass(frozen=True)
 class BlendConfig:
-    """How ``blend`` picks the chunk tokens it recomputes.
+    """How ``blend`` picks the chunk tokens it recomputes. The defaults are what the evaluation
+    chose on MuSiQue with SmolLM2-135M (README, "Choosing the selection").
 
     recompute_ratio: share of chunk tokens recomputed in the layers after the check layer.
     check_layer: layers ``0..check_layer-1`` run on every token, and at ``check_layer`` every
-        token's K/V is computed fresh and scored; only the selected tokens go on.
+        token's K/V is computed fresh and scored; only the selected tokens go on. ``preview``
+        scores before the pass, so it needs no such layer (0).
     selector: the score tokens are ranked by at the check layer.
         ``deviation``: CacheBlend's ||V_fresh - V_cached||^2 over heads and head dim.
         ``attention``: attention weight the question's queries give each token (query-aware).
@@ -34,8 +36,8 @@ class BlendConfig:
     """
 
     recompute_ratio: float = 0.15
-    check_layer: int = 1
-    selector: Selector = "deviation"
+    check_layer: int = 0
+    selector: Selector = "preview"
     gradual_layers: int = 0
     first_k: int = 0
     preview_draft: int = 0
@@ -47,6 +49,9 @@ class BlendConfig:
             raise ValueError("check_layer, gradual_layers, first_k and preview_draft must be >= 0")
         if self.selector not in SELECTORS:
             raise ValueError(f"selector must be one of {SELECTORS}, got {self.selector!r}")
+        if self.selector in ("deviation", "attention_deviation") and self.check_layer < 1:
+            # A token's layer-0 V depends on the token alone: fresh and cached are equal there.
+            raise ValueError(f"selector {self.selector!r} needs check_layer >= 1 (no deviation at layer 0)")
 
     def keep_ratios(self) -> list[tuple[int, float]]:
         """(layer, share of chunk tokens kept after it) for each filter layer."""

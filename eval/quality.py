@@ -39,7 +39,7 @@ class Variant:
     name: str
     mode: str
     ratio: float | None = None
-    selector: str | None = None  # a config spec: "deviation" or "attention,check_layer=2,first_k=4"
+    selector: str | None = None  # a config spec: "preview" or "deviation,check_layer=1,first_k=4"
 
 
 @dataclass
@@ -349,9 +349,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--configs",
         type=lambda t: [x.strip() for x in t.split(";") if x.strip()],
-        default=["deviation"],
+        default=["preview"],
         help='blend configs, ";"-separated; each a selector and BlendConfig overrides, '
-        'e.g. "deviation;attention,check_layer=2,first_k=4"',
+        'e.g. "preview;deviation,check_layer=1,first_k=4" (overrides apply to the default config)',
     )
     p.add_argument(
         "--retrieve",

@@ -22,7 +22,7 @@ QUESTION = "Who built the lighthouse at Varden Point?"
 @pytest.mark.parametrize(
     "config",
     [
-        BlendConfig(recompute_ratio=1.0),
+        BlendConfig(recompute_ratio=1.0, selector="deviation", check_layer=1),
         BlendConfig(recompute_ratio=1.0, selector="preview", check_layer=0, preview_draft=3),
     ],
     ids=["deviation", "preview"],
@@ -66,7 +66,7 @@ def test_reuse_differs_from_full(tiny_engine):
 @pytest.mark.parametrize("selector", ["deviation", "attention", "attention_deviation", "preview"])
 @pytest.mark.parametrize("ratio", [0.0, 0.3])
 def test_question_always_recomputed_and_budget_respected(tiny_engine, selector, ratio):
-    cfg = BlendConfig(recompute_ratio=ratio, selector=selector, first_k=2, gradual_layers=1)
+    cfg = BlendConfig(recompute_ratio=ratio, selector=selector, check_layer=1, first_k=2, gradual_layers=1)
     pre = tiny_engine.prefill(CHUNKS, QUESTION, mode="blend", config=cfg)
     p = pre.prompt
     n_chunk = p.suffix_start - len(p.prefix)
@@ -95,7 +95,7 @@ def test_first_k_tokens_are_forced(tiny_engine, monkeypatch):
     monkeypatch.setattr(engine_mod, "run_layers", spy)
     prompt = tiny_engine.prompt_format.build(CHUNKS, QUESTION)
     n_chunk = prompt.suffix_start - len(prompt.prefix)
-    cfg = BlendConfig(recompute_ratio=3 * 2 / n_chunk, first_k=2)
+    cfg = BlendConfig(recompute_ratio=3 * 2 / n_chunk, selector="deviation", check_layer=1, first_k=2)
     tiny_engine.prefill(CHUNKS, QUESTION, mode="blend", config=cfg)
     forced = [o + j for o in prompt.chunk_offsets()[1:] for j in range(2)]
     question = list(range(prompt.suffix_start, len(prompt.ids)))
@@ -184,12 +184,14 @@ def test_preview_recomputes_the_tokens_the_question_attends_to(tiny_engine, monk
     real = engine_mod.run_layers
 
     def spy(model, rotary, kv, ids, positions, filters=None, capture=False):
-        def record(view, f=filters[1]):
+        def record(view, f=filters[cfg.check_layer]):
             keep = f(view)
             kept["positions"] = view.positions[keep].tolist()
             return keep
 
-        return real(model, rotary, kv, ids, positions, {1: record} if filters else None, capture)
+        return real(
+            model, rotary, kv, ids, positions, {cfg.check_layer: record} if filters else None, capture
+        )
 
     monkeypatch.setattr(engine_mod, "run_layers", spy)
     tiny_engine.prefill(CHUNKS, QUESTION, mode="blend", config=cfg)
@@ -270,6 +272,8 @@ def test_bad_config_is_rejected():
         BlendConfig(recompute_ratio=1.5)
     with pytest.raises(ValueError):
         replace(BlendConfig(), selector="magic")
+    with pytest.raises(ValueError, match="check_layer >= 1"):
+        BlendConfig(selector="deviation", check_layer=0)  # no deviation exists at layer 0
 
 
 @pytest.mark.slow

@@ -38,10 +38,10 @@ def test_parse_variants():
 
 def test_identical_is_exact_and_references_are_cached(tiny_engine, tmp_path, monkeypatch):
     backend = Backend(tiny_engine, BlendConfig())
-    variants = fidelity.parse_variants("deviation@1.0;reuse")
+    variants = fidelity.parse_variants("preview@1.0;reuse")
     records = fidelity.evaluate(backend, ITEMS, variants, top_k=3, max_new_tokens=8, cache=tmp_path)
     for item, record in zip(ITEMS, records, strict=True):
-        exact = record["results"]["deviation@1.0"]
+        exact = record["results"]["preview@1.0"]
         assert exact["identical"] == 1.0 and exact["kl_first"] < 1e-6
         # Teacher forcing must agree with real greedy decoding, token for token.
         chunks = [f"{c['title']}\n{c['text']}" for c in item["ctxs"]]
@@ -65,5 +65,5 @@ def test_identical_is_exact_and_references_are_cached(tiny_engine, tmp_path, mon
 
     assert quality(again) == quality(records)
     summary = fidelity.summarize_all(again, variants)
-    assert [row["name"] for row in summary] == ["deviation@1.0", "reuse"]
+    assert [row["name"] for row in summary] == ["preview@1.0", "reuse"]
     assert summary[0]["identical"] == 1.0

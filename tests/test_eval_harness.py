@@ -24,7 +24,7 @@ class FakeConfig:
     first_k: int = 0
 
     def __post_init__(self) -> None:
-        if self.selector not in ("deviation", "random"):
+        if self.selector not in ("preview", "deviation", "random"):
             raise ValueError(f"unknown selector {self.selector!r}")
 
 
@@ -158,7 +158,7 @@ def test_full_always_runs_as_reference(dataset, capsys):
     assert modes == {"full", "blend"}
     assert [line.split()[0] for line in capsys.readouterr().out.strip().splitlines()[1:]] == [
         "full",
-        "blend/deviation@0.3",
+        "blend/preview@0.3",  # the default config
     ]
 
 
