@@ -324,7 +324,5 @@ def test_open_store_specs(tmp_path):
         assert isinstance(store, TieredStore)
         assert [type(t) for t in store.tiers] == [MemoryStore, DiskStore]
     assert (tmp_path / "a").is_dir() and (tmp_path / "b").is_dir()
-    with pytest.raises(BlendRAGError, match="Redis is not supported yet"):
-        open_store("redis://localhost:6379")
     with pytest.raises(BlendRAGError, match="unknown scheme 's3'"):
         open_store("s3://bucket/kv")
