@@ -138,17 +138,31 @@ class AnswerStream:
         self._finish_if_done()
 
     async def __aiter__(self) -> AsyncIterator[str]:
-        for piece in self._first:
-            yield piece
-        while self.answer is None and (piece := await self.service.worker.run(self._next)) is not None:
-            yield piece
-        self._finish_if_done()
+        try:
+            for piece in self._first:
+                yield piece
+            while self.answer is None and (piece := await self.service.worker.run(self._next)) is not None:
+                yield piece
+            self._finish_if_done()
+        finally:  # also when the consumer stops early: a client that disconnected mid-stream
+            self.close()
 
     def __iter__(self) -> Iterator[str]:
-        yield from self._first
-        while self.answer is None and (piece := self.service.worker.call(self._next)) is not None:
-            yield piece
-        self._finish_if_done()
+        try:
+            yield from self._first
+            while self.answer is None and (piece := self.service.worker.call(self._next)) is not None:
+                yield piece
+            self._finish_if_done()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Free the engine's state for an answer that will not be read to the end.
+
+        Queued on the worker (a decode step of this answer may be running there) without waiting,
+        so it is safe from an event loop being torn down."""
+        if self.answer is None:
+            self.service.worker.submit(self._generation.close)
 
     def _finish_if_done(self) -> None:
         result = self._generation.result

@@ -66,6 +66,10 @@ class GenerationStream:
             elif item:
                 yield item
 
+    def close(self) -> None:
+        """Stop decoding early and free the request's state (its KV buffer)."""
+        self._pieces.close()
+
 
 class BlendEngine:
     def __init__(
