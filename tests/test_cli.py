@@ -37,10 +37,12 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 
 def test_two_processes_share_kv_through_redis(redis_server, tiny_dirs, tmp_path):
     """`blendrag index` in one process fills Redis; `blendrag query` in another reuses every chunk."""
-    model, store, index_dir = str(tiny_dirs["llama"]), redis_server.url, str(tmp_path / "index")
-    built = run_cli("index", str(SAMPLE_CORPUS), "--index-dir", index_dir, "--model", model, "--kv-store=" + store)
+    model, store, index_dir = str(tiny_dirs["llama"]), redis_server.url, str(tmp_path / "i")
+    built = run_cli(
+        "index", str(SAMPLE_CORPUS), "--index-dir", index_dir, "--model", model, "--kv-store", store
+    )
     assert built.returncode == 0, built.stderr
-    assert redis_server.client().dbsize() > 0 and not (tmp_path / "index" / "kv").exists()
+    assert redis_server.client().dbsize() > 0 and not (tmp_path / "i" / "kv").exists()
     asked = run_cli(
         "query", "Who kept the lighthouse?", "--index-dir", index_dir, "--model", model,
         "--kv-store", store, "--top-k", "3", "--max-new-tokens", "4", "--json",
