@@ -17,7 +17,7 @@ from blendrag.engine import Generation, GenerationStream
 from blendrag.errors import BlendRAGError
 
 from .live_index import LiveIndex
-from .worker import worker_for
+from .worker import ComputeWorker, worker_for
 
 log = logging.getLogger(__name__)
 
@@ -63,11 +63,16 @@ class Answer:
 
 class RAGService:
     def __init__(
-        self, engine, index: LiveIndex | None = None, observe: Callable[[dict], None] | None = None
+        self,
+        engine,
+        index: LiveIndex | None = None,
+        observe: Callable[[dict], None] | None = None,
+        worker: ComputeWorker | None = None,
     ) -> None:
+        """``worker``: default the engine's own; tenants' views of one engine share its worker."""
         self.engine = engine
         self.index = index
-        self.worker = worker_for(engine)
+        self.worker = worker or worker_for(engine)
         self.observe = observe or (lambda stats: None)
 
     async def answer(self, ask: Ask) -> Answer:

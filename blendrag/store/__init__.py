@@ -8,10 +8,20 @@ from blendrag.errors import BlendRAGError
 from blendrag.store.base import ChunkKV, KVStore
 from blendrag.store.disk import DiskStore
 from blendrag.store.memory import MemoryStore
+from blendrag.store.namespaced import NamespacedStore
 from blendrag.store.redis import DEFAULT_PREFIX, RedisStore
 from blendrag.store.tiered import TieredStore
 
-__all__ = ["ChunkKV", "KVStore", "MemoryStore", "DiskStore", "RedisStore", "TieredStore", "open_store"]
+__all__ = [
+    "ChunkKV",
+    "KVStore",
+    "MemoryStore",
+    "DiskStore",
+    "RedisStore",
+    "TieredStore",
+    "NamespacedStore",
+    "open_store",
+]
 
 DEFAULT_MEMORY_BYTES = 2 << 30
 
