@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 from fastapi import APIRouter, BackgroundTasks, Depends, HTTPException, Request
 
-from .errors import ERROR_RESPONSES
+from .errors import ERROR_RESPONSES, ErrorResponse
 from .live_index import LiveIndex, NewDocument
 from .rag import RAGService
 from .schemas import AddDocumentsRequest, DeleteResponse, Job
@@ -59,7 +59,8 @@ async def _run(job: Job, index: LiveIndex, service: RAGService, docs: list[NewDo
 
 
 def documents_router(resolve: Callable[..., RAGService]) -> APIRouter:
-    router = APIRouter(prefix="/documents", tags=["documents"], responses=ERROR_RESPONSES)
+    not_found = {"model": ErrorResponse, "description": "No such document or job in your namespace"}
+    router = APIRouter(prefix="/documents", tags=["documents"], responses={**ERROR_RESPONSES, 404: not_found})
     jobs: defaultdict[RAGService, Jobs] = defaultdict(Jobs)  # per namespace: others' jobs are 404
 
     @router.post("", status_code=202, response_model=Job)

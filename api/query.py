@@ -16,10 +16,17 @@ one unnamed event per text piece, `data: {"text": "..."}`, then one `event: done
 is the `QueryResponse` JSON (answer, chunks, stats). A failure after the stream began sends
 `event: error` with the error body (including the request id) and closes the stream."""
 
+# In OpenAPI 3.1 the schema of an event-stream describes one event (3.2 adds `itemSchema`).
+SSE_EVENT_SCHEMA = {
+    "type": "object",
+    "description": "One server-sent event; the route description says what its `data` holds",
+    "properties": {"event": {"type": "string"}, "data": {"type": "string"}},
+    "required": ["data"],
+}
 STREAM_RESPONSE = {
     200: {
         "description": "The answer (JSON), or server-sent events when `stream` is true",
-        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+        "content": {"text/event-stream": {"schema": SSE_EVENT_SCHEMA}},
     }
 }
 
