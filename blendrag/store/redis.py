@@ -97,7 +97,9 @@ class RedisStore(KVStore):
         return kv
 
     def _call(self, fn, *args, **kwargs):
-        """``fn(...)``, or None (counted, logged once per outage) when Redis cannot serve it."""
+        """``fn(...)``, or None (counted, logged once per outage) when Redis cannot serve it.
+
+        None is unambiguous: no command used here (MGET, SET, EXISTS, DEL, INFO) answers None."""
         down_since = self._down_since
         if down_since is not None and time.monotonic() - down_since < self.retry_s:
             self._count(unavailable=1)
