@@ -3,7 +3,9 @@
     python -m eval.load --url http://127.0.0.1:8000 --clients 8 --duration 60 --mode blend \
         --server-pid PID --out runs/load-blend-8.json
 
-Each client loops until the time or the request budget runs out, picking (seeded) a ``/query``
+First each question is asked once, alone (``--no-warmup`` skips it), so the timed phase sees the
+steady state: chunk KV in the server's memory tier. Then each client loops until the time or the
+request budget runs out, picking (seeded) a ``/query``
 answered as JSON, a streamed ``/query`` (server-sent events), or a ``POST /documents`` of a small
 new document. Afterwards every distinct (question, mode, chunks) a query got is asked again, alone,
 with those chunks given as documents (``/v1/chat/completions``, no retrieval): greedy decoding
@@ -58,6 +60,7 @@ class Settings:
     mix: dict[str, float] = field(default_factory=lambda: {"query": 0.6, "stream": 0.35, "add": 0.05})
     seed: int = 0
     server_pid: int | None = None
+    warmup: bool = False
 
 
 async def run_load(s: Settings, questions: list[str]) -> dict:
@@ -69,6 +72,9 @@ async def run_load(s: Settings, questions: list[str]) -> dict:
         raise ValueError(f"duration must be in (0, {MAX_DURATION_S}] seconds")
     limits = httpx.Limits(max_connections=s.clients + 4)
     async with httpx.AsyncClient(base_url=s.url, timeout=300, limits=limits) as http:
+        if s.warmup:  # every question once, alone: chunk KV is in the memory tier before timing
+            for question in questions:
+                await http.post("/query", json=dict(query_body(s, question, stream=False), max_tokens=1))
         rss_start = rss_mb(s.server_pid)
         records: list[Record] = []
         budget = [s.max_requests]
@@ -260,6 +266,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--questions", type=Path, default=QUESTIONS, help="JSON list of {question}")
     p.add_argument("--server-pid", type=int, help="sample this process's RSS")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-warmup", action="store_true", help="skip asking each question once before timing")
     p.add_argument("--out", type=Path, help="write the report as JSON here too")
     args = p.parse_args(argv)
     mix = {k: float(v) for k, v in (part.split("=") for part in args.mix.split(","))}
@@ -276,6 +283,7 @@ def main(argv: list[str] | None = None) -> dict:
         mix,
         args.seed,
         args.server_pid,
+        not args.no_warmup,
     )
     questions = [q["question"] for q in json.loads(args.questions.read_text())]
     result = asyncio.run(run_load(settings, questions))
