@@ -73,8 +73,9 @@ async def run_load(s: Settings, questions: list[str]) -> dict:
     limits = httpx.Limits(max_connections=s.clients + 4)
     async with httpx.AsyncClient(base_url=s.url, timeout=300, limits=limits) as http:
         if s.warmup:  # every question once, alone: chunk KV is in the memory tier before timing
-            for question in questions:
-                await http.post("/query", json=dict(query_body(s, question, stream=False), max_tokens=1))
+            for question in questions:  # "reuse": loads the chunks' KV, computes only the question
+                body = dict(query_body(s, question, stream=False), max_tokens=1, mode="reuse")
+                await http.post("/query", json=body)
         rss_start = rss_mb(s.server_pid)
         records: list[Record] = []
         budget = [s.max_requests]
