@@ -12,6 +12,8 @@ from blendrag.retriever import Retriever
 from fastapi import FastAPI
 from fastapi.responses import Response
 
+from blendrag.errors import BlendRAGError
+
 from .documents import documents_router
 from .errors import RequestContext, install_error_handlers
 from .live_index import LiveIndex
@@ -20,18 +22,38 @@ from .openai_compat import openai_router
 from .query import query_router
 from .rag import RAGService
 from .schemas import Health
+from .tenants import DEFAULT_NAMESPACE, TenantConfig, namespace_engine, namespace_index_dir, service_resolver
+from .worker import worker_for
 
 
 def create_app(
-    engine, retriever_or_index_dir: Retriever | str | Path, model_name: str | None = None
+    engine,
+    retriever_or_index_dir: Retriever | str | Path,
+    model_name: str | None = None,
+    tenants: TenantConfig | None = None,
 ) -> FastAPI:
     """The app answering from ``engine`` and the index (a ``Retriever`` or its directory, which may
     not exist yet: documents can be added through the API). ``model_name``: the id in
-    ``/v1/models`` (default: the checkpoint directory's name)."""
+    ``/v1/models`` (default: the checkpoint directory's name). ``tenants``: API keys and their
+    namespaces (see ``tenants.py``); each namespace's index lives under the index directory."""
     model_name = model_name or Path(engine.model_path).name
-    index = LiveIndex(engine, retriever_or_index_dir)
     metrics = Metrics(engine.store)
-    service = RAGService(engine, index, observe=metrics.observe_generation)
+    worker = worker_for(engine)
+    if tenants is None:
+        indexes = {DEFAULT_NAMESPACE: LiveIndex(engine, retriever_or_index_dir)}
+    else:
+        if isinstance(retriever_or_index_dir, Retriever):
+            raise BlendRAGError("with API keys, pass the index directory: each namespace has its own index")
+        root = Path(retriever_or_index_dir)
+        indexes = {
+            ns: LiveIndex(namespace_engine(engine, tenants, ns), namespace_index_dir(root, ns))
+            for ns in tenants.namespaces
+        }
+    services = {
+        ns: RAGService(index.engine, index, observe=metrics.observe_generation, worker=worker)
+        for ns, index in indexes.items()
+    }
+    resolve = service_resolver(services, tenants)
 
     app = FastAPI(
         title="blendrag",
@@ -40,19 +62,19 @@ def create_app(
     )
     app.add_middleware(RequestContext, metrics=metrics)
     install_error_handlers(app)
-    app.include_router(query_router(service))
-    app.include_router(openai_router(service, model_name))
-    app.include_router(documents_router(service))
+    app.include_router(query_router(resolve))
+    app.include_router(openai_router(resolve, model_name))
+    app.include_router(documents_router(resolve))
 
     @app.get("/health", response_model=Health, tags=["ops"])
     async def health() -> Health:
-        counts = index.counts
+        """Public (no key): index sizes are summed over every namespace."""
         return Health(
             status="ok",
             model=model_name,
             fingerprint=engine.fingerprint,
-            index_documents=counts["documents"],
-            index_chunks=counts["chunks"],
+            index_documents=sum(index.counts["documents"] for index in indexes.values()),
+            index_chunks=sum(index.counts["chunks"] for index in indexes.values()),
         )
 
     @app.get(
@@ -65,6 +87,6 @@ def create_app(
         """Prometheus text format."""
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    app.state.service = service
+    app.state.services = services
     app.state.metrics = metrics
     return app

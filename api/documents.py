@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections import OrderedDict
+from collections import OrderedDict, defaultdict
+from collections.abc import Callable
 
-from fastapi import APIRouter, BackgroundTasks, HTTPException, Request
+from fastapi import APIRouter, BackgroundTasks, Depends, HTTPException, Request
 
-from .errors import ERROR_RESPONSES
+from .errors import ERROR_RESPONSES, ErrorResponse
 from .live_index import LiveIndex, NewDocument
 from .rag import RAGService
 from .schemas import AddDocumentsRequest, DeleteResponse, Job
@@ -57,32 +58,38 @@ async def _run(job: Job, index: LiveIndex, service: RAGService, docs: list[NewDo
     job.added_chunks, job.kv_computed = counts["added"], counts["kv_computed"]
 
 
-def documents_router(service: RAGService) -> APIRouter:
-    router = APIRouter(prefix="/documents", tags=["documents"], responses=ERROR_RESPONSES)
-    jobs = Jobs()
+def documents_router(resolve: Callable[..., RAGService]) -> APIRouter:
+    not_found = {"model": ErrorResponse, "description": "No such document or job in your namespace"}
+    router = APIRouter(prefix="/documents", tags=["documents"], responses={**ERROR_RESPONSES, 404: not_found})
+    jobs: defaultdict[RAGService, Jobs] = defaultdict(Jobs)  # per namespace: others' jobs are 404
 
     @router.post("", status_code=202, response_model=Job)
-    async def add_documents(body: AddDocumentsRequest, request: Request, tasks: BackgroundTasks) -> Job:
+    async def add_documents(
+        body: AddDocumentsRequest,
+        request: Request,
+        tasks: BackgroundTasks,
+        service: RAGService = Depends(resolve),
+    ) -> Job:
         """Queue documents for indexing (a document with an existing id replaces it).
 
         Returns at once; poll `status_url` until `queryable` is true."""
         ids = [d.id for d in body.documents]
         if len(set(ids)) != len(ids):
             raise HTTPException(422, "document ids must be unique within a request")
-        job = jobs.create(ids, str(request.base_url))
+        job = jobs[service].create(ids, str(request.base_url))
         docs = [NewDocument(d.id, d.text, d.metadata) for d in body.documents]
         tasks.add_task(_run, job, service.index, service, docs)
         return job
 
     @router.get("/jobs/{job_id}", response_model=Job)
-    async def job_status(job_id: str) -> Job:
-        job = jobs.get(job_id)
+    async def job_status(job_id: str, service: RAGService = Depends(resolve)) -> Job:
+        job = jobs[service].get(job_id)
         if job is None:
             raise HTTPException(404, f"no job {job_id!r}")
         return job
 
     @router.delete("/{doc_id:path}", response_model=DeleteResponse)
-    async def delete(doc_id: str) -> DeleteResponse:
+    async def delete(doc_id: str, service: RAGService = Depends(resolve)) -> DeleteResponse:
         """Remove a document, its vectors and its chunk KV (after queued jobs ahead of it)."""
         n = await service.worker.run(service.index.delete, doc_id)
         return DeleteResponse(document_id=doc_id, chunks_deleted=n)

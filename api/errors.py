@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 
 class ErrorDetail(BaseModel):
     message: str
-    type: str  # invalid_request_error, not_found_error, service_unavailable, server_error
+    # invalid_request_error, authentication_error, not_found_error, service_unavailable, server_error
+    type: str
     param: str | None = None
     request_id: str
 
@@ -39,6 +40,7 @@ class ErrorResponse(BaseModel):
 
 ERROR_RESPONSES: dict[int | str, dict] = {
     400: {"model": ErrorResponse, "description": "The request cannot be served (e.g. an unknown model)"},
+    401: {"model": ErrorResponse, "description": "Missing or unknown API key (when keys are configured)"},
     422: {"model": ErrorResponse, "description": "The body failed validation"},
     500: {"model": ErrorResponse, "description": "The engine failed; quote the request_id"},
 }
@@ -93,8 +95,10 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
-        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return JSONResponse(error_body(str(exc.detail), kind, request_id(request)), exc.status_code)
+        kinds = {401: "authentication_error", 404: "not_found_error"}
+        kind = kinds.get(exc.status_code, "invalid_request_error")
+        body = error_body(str(exc.detail), kind, request_id(request))
+        return JSONResponse(body, exc.status_code, headers=exc.headers)
 
     @app.exception_handler(BlendRAGError)
     async def user_error(request: Request, exc: BlendRAGError) -> JSONResponse:

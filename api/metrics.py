@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 # TTFT of a blended prompt on CPU runs from milliseconds (tiny models) to seconds.
@@ -54,7 +54,7 @@ class Metrics:
             registry=self.registry,
         )
         fraction.set_function(lambda: _ratio(self._totals["recomputed"], self._totals["prompt"]))
-        self.registry.register(_StoreBytes(store))
+        self.registry.register(_StoreStats(store))
 
     def observe_generation(self, stats: dict) -> None:
         self.ttft.labels(stats["mode"]).observe(stats["ttft_s"])
@@ -75,17 +75,32 @@ def _ratio(num: float, den: float) -> float:
     return num / den if den else 0.0
 
 
-class _StoreBytes(Collector):
-    """KV store bytes per tier, read at scrape time (the store keeps running totals)."""
+class _StoreStats(Collector):
+    """KV store bytes and event counts per tier, read at scrape time from the store's counters.
+
+    ``unavailable`` counts calls a remote tier (Redis) could not serve: while it grows, queries
+    compute KV instead of loading it (same answers, higher TTFT): the operator's warning sign.
+    """
 
     def __init__(self, store) -> None:
         self.store = store
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
-        family = GaugeMetricFamily(
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        store = self.store
+        tiers = {"all": store}
+        if hasattr(store, "tiers"):
+            tiers = dict(zip(store.names, store.tiers, strict=True))
+        size = GaugeMetricFamily(
             "blendrag_kv_store_bytes", "Bytes of chunk KV held, by tier", labels=["tier"]
         )
-        tiers = self.store.tier_bytes() if hasattr(self.store, "tier_bytes") else {"all": self.store.nbytes()}
-        for tier, nbytes in tiers.items():
-            family.add_metric([tier], nbytes)
-        yield family
+        events = CounterMetricFamily(
+            "blendrag_kv_store_events",
+            "KV store calls by tier and outcome (hits, misses, corrupt, puts, evictions, unavailable)",
+            labels=["tier", "event"],
+        )
+        for tier, store in tiers.items():
+            size.add_metric([tier], store.nbytes())
+            for event, n in store.stats.items():
+                events.add_metric([tier, event], n)
+        yield size
+        yield events

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, HTTPException, Request
+from fastapi import APIRouter, Depends, HTTPException, Request
 from pydantic import BaseModel, Field, model_validator
 
 from blendrag.config import Mode
@@ -144,11 +144,17 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
-def openai_router(service: RAGService, model_name: str) -> APIRouter:
+def openai_router(resolve: Callable[..., RAGService], model_name: str) -> APIRouter:
     router = APIRouter(prefix="/v1", tags=["openai"])
     started = int(time.time())
 
-    @router.get("/models", response_model=ModelList)
+    # The dependency only checks the API key: every namespace serves the same model.
+    @router.get(
+        "/models",
+        response_model=ModelList,
+        responses={401: ERROR_RESPONSES[401]},
+        dependencies=[Depends(resolve)],
+    )
     async def models() -> ModelList:
         return ModelList(data=[ModelCard(id=model_name, created=started)])
 
@@ -157,7 +163,9 @@ def openai_router(service: RAGService, model_name: str) -> APIRouter:
         response_model=ChatCompletion,
         responses={**ERROR_RESPONSES, **STREAM_RESPONSE, 404: ERROR_RESPONSES[400]},
     )
-    async def chat_completions(body: ChatCompletionRequest, request: Request):
+    async def chat_completions(
+        body: ChatCompletionRequest, request: Request, service: RAGService = Depends(resolve)
+    ):
         """Streaming sends `data: {chat.completion.chunk}` events and ends with `data: [DONE]`."""
         if body.model is not None and body.model != model_name:
             raise HTTPException(404, f"model {body.model!r} is not served here; use {model_name!r}")

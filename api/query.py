@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 
 from .errors import ERROR_RESPONSES, request_id
 from .rag import Answer, AnswerStream, Ask, RAGService, SourceChunk
@@ -16,19 +16,27 @@ one unnamed event per text piece, `data: {"text": "..."}`, then one `event: done
 is the `QueryResponse` JSON (answer, chunks, stats). A failure after the stream began sends
 `event: error` with the error body (including the request id) and closes the stream."""
 
+# In OpenAPI 3.1 the schema of an event-stream describes one event (3.2 adds `itemSchema`).
+SSE_EVENT_SCHEMA = {
+    "type": "object",
+    "description": "One server-sent event; the route description says what its `data` holds",
+    "properties": {"event": {"type": "string"}, "data": {"type": "string"}},
+    "required": ["data"],
+}
 STREAM_RESPONSE = {
     200: {
         "description": "The answer (JSON), or server-sent events when `stream` is true",
-        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+        "content": {"text/event-stream": {"schema": SSE_EVENT_SCHEMA}},
     }
 }
 
 
-def query_router(service: RAGService) -> APIRouter:
+def query_router(resolve: Callable[..., RAGService]) -> APIRouter:
+    """``resolve``: the dependency giving each request its namespace's service (see tenants.py)."""
     router = APIRouter(tags=["rag"], responses={**ERROR_RESPONSES, 503: ERROR_RESPONSES[400]})
 
     @router.post("/query", response_model=QueryResponse, responses=STREAM_RESPONSE, description=STREAM_DOC)
-    async def query(body: QueryRequest, request: Request):
+    async def query(body: QueryRequest, request: Request, service: RAGService = Depends(resolve)):
         ask = Ask(
             body.question,
             top_k=body.top_k,
@@ -45,7 +53,7 @@ def query_router(service: RAGService) -> APIRouter:
         return query_response(stream.answer)
 
     @router.post("/search", response_model=SearchResponse)
-    async def search(body: SearchRequest) -> SearchResponse:
+    async def search(body: SearchRequest, service: RAGService = Depends(resolve)) -> SearchResponse:
         """Retrieval only: the chunks `/query` would put in the prompt, best first."""
         hits = await service.worker.run(service.index.search, body.query, body.top_k)
         return SearchResponse(chunks=[chunk_out(SourceChunk(c.text, c.id, c.doc_id, c.score)) for c in hits])

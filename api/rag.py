@@ -17,7 +17,7 @@ from blendrag.engine import Generation, GenerationStream
 from blendrag.errors import BlendRAGError
 
 from .live_index import LiveIndex
-from .worker import worker_for
+from .worker import ComputeWorker, worker_for
 
 log = logging.getLogger(__name__)
 
@@ -63,11 +63,16 @@ class Answer:
 
 class RAGService:
     def __init__(
-        self, engine, index: LiveIndex | None = None, observe: Callable[[dict], None] | None = None
+        self,
+        engine,
+        index: LiveIndex | None = None,
+        observe: Callable[[dict], None] | None = None,
+        worker: ComputeWorker | None = None,
     ) -> None:
+        """``worker``: default the engine's own; tenants' views of one engine share its worker."""
         self.engine = engine
         self.index = index
-        self.worker = worker_for(engine)
+        self.worker = worker or worker_for(engine)
         self.observe = observe or (lambda stats: None)
 
     async def answer(self, ask: Ask) -> Answer:
@@ -138,17 +143,31 @@ class AnswerStream:
         self._finish_if_done()
 
     async def __aiter__(self) -> AsyncIterator[str]:
-        for piece in self._first:
-            yield piece
-        while self.answer is None and (piece := await self.service.worker.run(self._next)) is not None:
-            yield piece
-        self._finish_if_done()
+        try:
+            for piece in self._first:
+                yield piece
+            while self.answer is None and (piece := await self.service.worker.run(self._next)) is not None:
+                yield piece
+            self._finish_if_done()
+        finally:  # also when the consumer stops early: a client that disconnected mid-stream
+            self.close()
 
     def __iter__(self) -> Iterator[str]:
-        yield from self._first
-        while self.answer is None and (piece := self.service.worker.call(self._next)) is not None:
-            yield piece
-        self._finish_if_done()
+        try:
+            yield from self._first
+            while self.answer is None and (piece := self.service.worker.call(self._next)) is not None:
+                yield piece
+            self._finish_if_done()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Free the engine's state for an answer that will not be read to the end.
+
+        Queued on the worker (a decode step of this answer may be running there) without waiting,
+        so it is safe from an event loop being torn down."""
+        if self.answer is None:
+            self.service.worker.submit(self._generation.close)
 
     def _finish_if_done(self) -> None:
         result = self._generation.result

@@ -14,6 +14,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--model", help="local checkpoint directory (the one the index was built with)")
     serve.add_argument("--kv-store", help="KV store spec (default: INDEX_DIR/kv)")
     serve.add_argument("--model-name", help="model id in /v1/models (default: checkpoint directory name)")
+    serve.add_argument(
+        "--api-keys",
+        type=Path,
+        help="JSON file mapping API keys to namespaces (default: $BLENDRAG_API_KEYS; none: no keys)",
+    )
     serve.set_defaults(func=run_serve)
 
 
@@ -23,8 +28,10 @@ def run_serve(args: argparse.Namespace) -> None:
     from blendrag.retriever.index_dir import KV_DIR_NAME
 
     from .app import create_app
+    from .tenants import load_tenants
 
+    tenants = load_tenants(args.api_keys)  # a bad key file fails before the model loads
     engine = load_engine(args.model, args.kv_store or str(args.index_dir / KV_DIR_NAME))
-    app = create_app(engine, args.index_dir, model_name=args.model_name)
+    app = create_app(engine, args.index_dir, model_name=args.model_name, tenants=tenants)
     # One process, one event loop: the engine must not be loaded once per worker process.
     uvicorn.run(app, host=args.host, port=args.port, workers=1)

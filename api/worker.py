@@ -41,6 +41,10 @@ class ComputeWorker:
         """Run ``fn`` on the worker without blocking the event loop."""
         return await asyncio.wrap_future(self._pool.submit(fn, *args, **kwargs))
 
+    def submit(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Queue ``fn`` on the worker and return at once (its result and errors are dropped)."""
+        self._pool.submit(fn, *args)
+
     def iterate(self, items: Iterator[T]) -> Iterator[T]:
         """Advance ``items`` one step per job on the worker (blocking)."""
         while (item := self.call(next, items, _END)) is not _END:

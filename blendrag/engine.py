@@ -67,6 +67,10 @@ class GenerationStream:
             elif item:
                 yield item
 
+    def close(self) -> None:
+        """Stop decoding early and free the request's state (its KV buffer)."""
+        self._pieces.close()
+
 
 class BlendEngine:
     def __init__(
@@ -131,13 +135,20 @@ class BlendEngine:
 
     def _segment(self, context: list[int], ids: list[int]) -> tuple[ChunkKV, bool]:
         """A segment's KV from the store, computed and stored on a miss. Returns (kv, hit)."""
-        key = self._segment_key(context, ids)
-        kv = self.store.get(key)
-        if kv is not None:
-            return kv, True
-        kv = self._compute_segment(context, ids)
-        self.store.put(key, kv)
-        return kv, False
+        return self._segments(context, [ids])[0]
+
+    def _segments(self, context: list[int], segments: list[list[int]]) -> list[tuple[ChunkKV, bool]]:
+        """``_segment`` of each, with one store lookup for all (one round trip to a remote tier)."""
+        keys = [self._segment_key(context, ids) for ids in segments]
+        found = dict(zip(keys, self.store.get_many(keys), strict=True))
+        out = []
+        for key, ids in zip(keys, segments, strict=True):
+            hit = found[key] is not None
+            if not hit:  # computed once even if the prompt repeats the segment
+                found[key] = self._compute_segment(context, ids)
+                self.store.put(key, found[key])
+            out.append((found[key], hit))
+        return out
 
     @torch.inference_mode()
     def _compute_segment(self, context: list[int], ids: list[int]) -> ChunkKV:
@@ -210,11 +221,10 @@ class BlendEngine:
         n_reused = (1 if exact_first else 0) if mode == "prefix" else len(prompt.chunks)
         with record_function("blendrag.store_read"):
             segments = [(0, self._segment([], prompt.prefix)[0])]
-            hits = 0
-            for offset, chunk in list(zip(prompt.chunk_offsets(), prompt.chunks, strict=True))[:n_reused]:
-                kv, hit = self._segment(self._context_ids(), chunk)
-                segments.append((offset, kv))
-                hits += hit
+            offsets = prompt.chunk_offsets()[:n_reused]
+            fetched = self._segments(self._context_ids(), prompt.chunks[:n_reused])
+            segments += [(offset, kv) for offset, (kv, _) in zip(offsets, fetched, strict=True)]
+            hits = sum(hit for _, hit in fetched)
         with record_function("blendrag.realign"):
             buf.load(segments, self.rotary)
         misses = len(segments) - 1 - hits

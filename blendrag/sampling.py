@@ -36,7 +36,10 @@ class Sampler:
         p = self.params
         if p.temperature == 0:
             return int(logits.argmax())
-        probs = torch.softmax(logits.float() / p.temperature, dim=-1)
+        # In float64 (a temperature like 1e-300 is 0 in float32) and shifted so the top logit is 0:
+        # a tiny temperature then sends the others to -inf, never to inf or nan.
+        logits = logits.double()
+        probs = torch.softmax((logits - logits.max()) / p.temperature, dim=-1)
         if p.top_p < 1.0:
             sorted_probs, order = probs.sort(descending=True)
             # Keep the smallest prefix whose mass reaches top_p (the top token always stays).

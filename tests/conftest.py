@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import json
+import shutil
+import socket
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
+import redis
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -16,6 +21,7 @@ from blendrag.store import MemoryStore
 SAMPLE_CORPUS = Path(__file__).resolve().parents[1] / "samples" / "corpus"
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 MUSIQUE = SHARED_DATA / "musique_dev.json"
+REDIS_SERVER = shutil.which("redis-server")
 
 # Small enough to run in milliseconds, large enough for GQA and non-trivial attention.
 TINY = dict(
@@ -114,3 +120,53 @@ def musique() -> list[dict]:
     if not MUSIQUE.exists():
         pytest.skip("../shared/data/musique_dev.json is absent")
     return json.loads(MUSIQUE.read_text())
+
+
+class RedisServer:
+    """A real ``redis-server`` on a free loopback port, in a temp dir, no persistence.
+
+    ``stop`` and ``start`` may be called again (same port): the fault tests take it away mid-run.
+    """
+
+    def __init__(self, workdir: Path, *options: str) -> None:
+        self.workdir, self.options = workdir, options
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> RedisServer:
+        args = ["--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        self.proc = subprocess.Popen(
+            [REDIS_SERVER, *args, *self.options], cwd=self.workdir, stdout=subprocess.DEVNULL
+        )
+        client = redis.Redis(port=self.port)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                return self
+            except redis.ConnectionError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"redis-server did not start on port {self.port}") from None
+                time.sleep(0.02)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+        self.proc = None
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(port=self.port)
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    """A fresh redis-server per test (the fault tests stop and restart it)."""
+    if REDIS_SERVER is None:
+        pytest.skip("redis-server is not installed (Debian: apt-get install redis-server)")
+    server = RedisServer(tmp_path).start()
+    yield server
+    server.stop()

@@ -1,6 +1,11 @@
 """The ``blendrag`` entry point: JSON output and one-line errors."""
 
 import json
+import os
+import subprocess
+import sys
+
+from conftest import SAMPLE_CORPUS
 
 from blendrag.cli import main
 
@@ -21,3 +26,38 @@ def test_bad_chunks_file_is_one_line_and_exit_2(tmp_path, capsys):
     assert main(["query", "q", "--chunks-file", str(chunks)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "expected a JSON list" in err and str(chunks) in err
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    return subprocess.run(
+        [sys.executable, "-m", "blendrag.cli", *args], capture_output=True, text=True, env=env, timeout=300
+    )
+
+
+def test_two_processes_share_kv_through_redis(redis_server, tiny_dirs, tmp_path):
+    """`blendrag index` in one process fills Redis; `blendrag query` in another reuses every chunk."""
+    model, store, index_dir = str(tiny_dirs["llama"]), redis_server.url, str(tmp_path / "i")
+    built = run_cli(
+        "index", str(SAMPLE_CORPUS), "--index-dir", index_dir, "--model", model, "--kv-store", store
+    )
+    assert built.returncode == 0, built.stderr
+    assert redis_server.client().dbsize() > 0 and not (tmp_path / "i" / "kv").exists()
+    asked = run_cli(
+        "query", "Who kept the lighthouse?", "--index-dir", index_dir, "--model", model,
+        "--kv-store", store, "--top-k", "3", "--max-new-tokens", "4", "--json",
+    )  # fmt: skip
+    assert asked.returncode == 0, asked.stderr
+    stats = json.loads(asked.stdout)["stats"]
+    assert stats["cache_hits"] == 3 and stats["cache_misses"] == 0
+
+
+def test_unreachable_redis_at_index_time_still_indexes(tiny_dirs, tmp_path):
+    """Redis is a cache: an index built while it is down is complete, its KV computed at query time."""
+    index_dir = str(tmp_path / "index")
+    built = run_cli(
+        "index", str(SAMPLE_CORPUS), "--index-dir", index_dir, "--model", str(tiny_dirs["llama"]),
+        "--kv-store", "redis://127.0.0.1:1/0",
+    )  # fmt: skip
+    assert built.returncode == 0, built.stderr
+    assert "unavailable, computing KV instead" in built.stderr

@@ -267,6 +267,14 @@ def test_sampling_is_reproducible_with_seed(tiny_engine):
     assert a.token_ids != c.token_ids
 
 
+def test_tiny_temperature_samples_the_argmax():
+    """Found by fuzzing: logits / 1e-293 overflowed to inf and softmax gave nan (a 500)."""
+    from blendrag.sampling import Sampler, SamplingParams
+
+    logits = torch.tensor([1.0, 3.0, -2.0, float("-inf")])
+    assert Sampler(SamplingParams(temperature=1.2572957888303835e-293, seed=0))(logits) == 1
+
+
 def test_bad_config_is_rejected():
     with pytest.raises(ValueError):
         BlendConfig(recompute_ratio=1.5)

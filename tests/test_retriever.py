@@ -7,6 +7,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import random
 import signal
 import sqlite3
 import subprocess
@@ -333,8 +334,36 @@ def test_crash_then_resume_equals_clean_build(tmp_path, monkeypatch, embedder, c
     assert all(engine.store.contains(engine.chunk_key(t)) for t in engine.precomputed)
 
 
-def test_sigkill_mid_run_then_resume(tmp_path, embedder, clean):
-    """A real SIGKILL of an indexing process (fake engine, slow precompute), then a resumed run."""
+@pytest.mark.parametrize("seed", range(6))
+def test_random_crashes_then_resume_equals_clean_build(tmp_path, monkeypatch, embedder, clean, seed):
+    """Several crashes in a row, each at a random call of a random step, then a clean finish."""
+    rng = random.Random(seed)
+    engine, index_dir = FakeEngine(), tmp_path / "index"
+    monkeypatch.setattr(indexer, "CHECKPOINT_S", 0.0)
+    owners = {"embed": embedder, "precompute": engine, "save": VectorIndex}
+    for _ in range(3):
+        where = rng.choice(["embed", "add_chunks", "precompute", "mark_kv_done", "save"])
+        with monkeypatch.context() as patch:
+            crash_on_call(patch, owners.get(where, DocStore), where, rng.randint(1, 3))
+            try:
+                build_index(
+                    [CORPUS], index_dir, engine, chunk_tokens=CHUNK_TOKENS, batch_size=8, embedder=embedder
+                )
+            except Crash:
+                pass
+        if (index_dir / DB_NAME).exists() and index_stats(index_dir)["chunks"]:
+            Retriever(index_dir, embedder).search("lighthouse", 3)
+    build_index([CORPUS], index_dir, engine, chunk_tokens=CHUNK_TOKENS, batch_size=8, embedder=embedder)
+    assert snapshot(index_dir) == clean
+    assert all(engine.store.contains(engine.chunk_key(t)) for t in engine.precomputed)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_sigkill_mid_run_then_resume(tmp_path, embedder, clean, seed):
+    """A real SIGKILL of an indexing process (fake engine, slow precompute) at a random point
+    (after 4-40 chunks, then 0-50 ms), then a resumed run."""
+    rng = random.Random(seed)
+    kill_after, delay_s = rng.randrange(4, 41, 4), rng.uniform(0, 0.05)
     index_dir = tmp_path / "index"
     script = (
         "import sys; sys.path.insert(0, sys.argv[1])\n"
@@ -351,9 +380,9 @@ def test_sigkill_mid_run_then_resume(tmp_path, embedder, clean):
         env=env,
     )
     for line in proc.stdout:
-        if line.startswith("precomputed") and int(line.split()[1]) >= 12:
+        if line.startswith("precomputed") and int(line.split()[1]) >= kill_after:
             break
-    time.sleep(0.03)  # land somewhere inside the next batch
+    time.sleep(delay_s)  # land somewhere inside the next batch
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert 0 < index_stats(index_dir)["chunks"] < clean["n_rows"]

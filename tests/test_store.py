@@ -25,6 +25,26 @@ def assert_bit_equal(a: ChunkKV, b: ChunkKV) -> None:
     assert torch.equal(a.v.view(int_dtype), b.v.view(int_dtype))
 
 
+class DiskFull:
+    """Stands in for ``os.fdopen``: the file takes half of a write, then fails like a full disk."""
+
+    real_fdopen = staticmethod(os.fdopen)
+
+    def __init__(self, fd, mode):
+        self.f = self.real_fdopen(fd, mode)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+    def write(self, data):
+        self.f.write(data[: len(data) // 2])
+        self.f.flush()
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
 def entry_files(root) -> list[str]:
     return sorted(p.name for p in root.rglob("*") if p.is_file())
 
@@ -234,25 +254,6 @@ def test_disk_failed_write_leaves_no_partial_entry(tmp_path, monkeypatch):
     store = DiskStore(tmp_path)
     old = make_kv(seed=1)
     store.put("cafe", old)
-    real_fdopen = os.fdopen
-
-    class DiskFull:
-        """Writes half of the data, then fails like a full disk."""
-
-        def __init__(self, fd, mode):
-            self.f = real_fdopen(fd, mode)
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.f.close()
-
-        def write(self, data):
-            self.f.write(data[: len(data) // 2])
-            self.f.flush()
-            raise OSError(errno.ENOSPC, "No space left on device")
-
     monkeypatch.setattr(os, "fdopen", DiskFull)
     with pytest.raises(BlendRAGError, match="could not write KV entry beef.*No space left"):
         store.put("beef", make_kv())
@@ -324,7 +325,5 @@ def test_open_store_specs(tmp_path):
         assert isinstance(store, TieredStore)
         assert [type(t) for t in store.tiers] == [MemoryStore, DiskStore]
     assert (tmp_path / "a").is_dir() and (tmp_path / "b").is_dir()
-    with pytest.raises(BlendRAGError, match="Redis is not supported yet"):
-        open_store("redis://localhost:6379")
     with pytest.raises(BlendRAGError, match="unknown scheme 's3'"):
         open_store("s3://bucket/kv")

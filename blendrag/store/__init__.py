@@ -1,16 +1,27 @@
-"""Where precomputed chunk KV lives: memory, disk, or memory in front of disk."""
+"""Where precomputed chunk KV lives: memory, disk, Redis, or a stack of them (fastest first)."""
 
 from __future__ import annotations
 
-from urllib.parse import unquote, urlparse
+from urllib.parse import parse_qs, unquote, urlparse, urlunparse
 
 from blendrag.errors import BlendRAGError
 from blendrag.store.base import ChunkKV, KVStore
 from blendrag.store.disk import DiskStore
 from blendrag.store.memory import MemoryStore
+from blendrag.store.namespaced import NamespacedStore
+from blendrag.store.redis import DEFAULT_PREFIX, RedisStore
 from blendrag.store.tiered import TieredStore
 
-__all__ = ["ChunkKV", "KVStore", "MemoryStore", "DiskStore", "TieredStore", "open_store"]
+__all__ = [
+    "ChunkKV",
+    "KVStore",
+    "MemoryStore",
+    "DiskStore",
+    "RedisStore",
+    "TieredStore",
+    "NamespacedStore",
+    "open_store",
+]
 
 DEFAULT_MEMORY_BYTES = 2 << 30
 
@@ -20,12 +31,14 @@ def open_store(spec: str | None, memory_bytes: int = DEFAULT_MEMORY_BYTES) -> KV
 
     ``None`` or ``"memory"``: an in-process LRU of ``memory_bytes``. A directory path or
     ``file://`` URL: the same LRU in front of a :class:`DiskStore` at that directory.
+    ``redis://[:password@]host:port/db[?ttl=SECONDS&disk=DIR&prefix=P]``: the LRU, then a disk
+    tier if ``disk`` is given, then Redis (entries expire after ``ttl`` seconds if given).
     """
     if spec is None or spec == "memory":
         return MemoryStore(memory_bytes)
     url = urlparse(spec)
-    if url.scheme == "redis":
-        raise BlendRAGError(f"store {spec!r}: Redis is not supported yet; use a directory or 'memory'")
+    if url.scheme in ("redis", "rediss"):
+        return _redis_tiers(url, memory_bytes)
     if url.scheme == "file":
         path = unquote(url.path)
     elif "://" in spec:
@@ -33,3 +46,24 @@ def open_store(spec: str | None, memory_bytes: int = DEFAULT_MEMORY_BYTES) -> KV
     else:
         path = spec
     return TieredStore([MemoryStore(memory_bytes), DiskStore(path)], names=["memory", "disk"])
+
+
+def _redis_tiers(url, memory_bytes: int) -> TieredStore:
+    spec, options = url.geturl(), {name: values[-1] for name, values in parse_qs(url.query).items()}
+    unknown = set(options) - {"ttl", "disk", "prefix"}
+    if unknown:
+        raise BlendRAGError(f"store {spec!r}: unknown options {sorted(unknown)}; use ttl, disk, prefix")
+    try:
+        ttl_s = float(options["ttl"]) if "ttl" in options else None
+    except ValueError:
+        raise BlendRAGError(f"store {spec!r}: ttl must be a number of seconds") from None
+    if ttl_s is not None and ttl_s <= 0:
+        raise BlendRAGError(f"store {spec!r}: ttl must be positive")
+    redis_url = urlunparse(url._replace(query=""))
+    tiers, names = [MemoryStore(memory_bytes)], ["memory"]
+    if "disk" in options:
+        tiers.append(DiskStore(options["disk"]))
+        names.append("disk")
+    tiers.append(RedisStore(redis_url, ttl_s=ttl_s, prefix=options.get("prefix", DEFAULT_PREFIX)))
+    names.append("redis")
+    return TieredStore(tiers, names=names)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -40,10 +41,15 @@ class KVStore(ABC):
     """
 
     def __init__(self) -> None:
-        self.stats = {"hits": 0, "misses": 0, "corrupt": 0, "puts": 0, "evictions": 0}
+        # "unavailable": calls a remote backend could not serve (answered as a miss or skipped).
+        self.stats = {"hits": 0, "misses": 0, "corrupt": 0, "puts": 0, "evictions": 0, "unavailable": 0}
 
     @abstractmethod
     def get(self, key: str) -> ChunkKV | None: ...
+
+    def get_many(self, keys: Sequence[str]) -> list[ChunkKV | None]:
+        """``get`` of each key, in order; remote backends override this with one round trip."""
+        return [self.get(key) for key in keys]
 
     @abstractmethod
     def put(self, key: str, kv: ChunkKV) -> None: ...

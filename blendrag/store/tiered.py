@@ -12,7 +12,8 @@ class TieredStore(KVStore):
 
     Writes go to all tiers, so the slowest (persistent) tier holds everything and the faster ones
     hold what fits. Per-tier counters stay in each tier's ``stats``; this store counts hits and
-    misses of the stack as a whole and mirrors the tiers' total corrupt entries and evictions.
+    misses of the stack as a whole and mirrors the tiers' total corrupt entries, evictions and
+    unavailable calls.
     """
 
     def __init__(self, tiers: Sequence[KVStore], names: Sequence[str] | None = None) -> None:
@@ -26,17 +27,24 @@ class TieredStore(KVStore):
         self.names = names
 
     def get(self, key: str) -> ChunkKV | None:
+        return self.get_many([key])[0]
+
+    def get_many(self, keys: Sequence[str]) -> list[ChunkKV | None]:
+        """Each tier is asked once, for the keys the faster tiers missed (one round trip each)."""
+        found: dict[str, ChunkKV] = {}
         for i, tier in enumerate(self.tiers):
-            kv = tier.get(key)
-            if kv is not None:
-                for faster in self.tiers[:i]:
-                    faster.put(key, kv)
-                self.stats["hits"] += 1
+            todo = [key for key in dict.fromkeys(keys) if key not in found]
+            if not todo:
                 break
-        else:
-            self.stats["misses"] += 1
+            for key, kv in zip(todo, tier.get_many(todo), strict=True):
+                if kv is not None:
+                    found[key] = kv
+                    for faster in self.tiers[:i]:
+                        faster.put(key, kv)
+        self.stats["hits"] += sum(key in found for key in keys)
+        self.stats["misses"] += sum(key not in found for key in keys)
         self._roll_up()
-        return kv
+        return [found.get(key) for key in keys]
 
     def put(self, key: str, kv: ChunkKV) -> None:
         for tier in self.tiers:
@@ -59,5 +67,5 @@ class TieredStore(KVStore):
         return {name: tier.nbytes() for name, tier in zip(self.names, self.tiers, strict=True)}
 
     def _roll_up(self) -> None:
-        for name in ("corrupt", "evictions"):
+        for name in ("corrupt", "evictions", "unavailable"):
             self.stats[name] = sum(tier.stats[name] for tier in self.tiers)
