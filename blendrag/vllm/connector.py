@@ -107,6 +107,7 @@ class BlendConnector(KVConnectorBase_V1):
             )
         self.prompt_format = PromptFormat(ckpt.tokenizer)
         self.store = open_store(self.cfg.store)
+        self._matched: dict[str, LoadSpec] = {}  # scheduler: hits waiting for allocation
         self._pending: dict[str, LoadSpec] = {}  # scheduler: hits waiting for their blocks
         self.engine: BlendEngine | None = None
         if role == KVConnectorRole.WORKER and same:
@@ -117,14 +118,15 @@ class BlendConnector(KVConnectorBase_V1):
                 dtype=dtype,
                 chunk_context=self.cfg.chunk_context,  # type: ignore[arg-type]
             )
-        self.stats = {"hits": 0, "misses": 0, "loaded_tokens": 0}
 
     # ---- scheduler side ---------------------------------------------------------------------
 
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int, bool]:
         spec = self._match(request)
         if spec is None or spec.end <= num_computed_tokens:
+            self._matched.pop(request.request_id, None)
             return 0, False
+        self._matched[request.request_id] = spec
         return spec.end - num_computed_tokens, False
 
     def _match(self, request: Request) -> LoadSpec | None:
@@ -155,10 +157,9 @@ class BlendConnector(KVConnectorBase_V1):
         return all(self.store.contains(segment_key(self.fingerprint, context, ids)) for ids in chunk_ids)
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int):
-        if num_external_tokens == 0:
+        spec = self._matched.pop(request.request_id, None)
+        if num_external_tokens == 0 or spec is None:
             return
-        spec = self._match(request)
-        assert spec is not None, "a request matched at lookup must match at allocation"
         spec.start = spec.end - num_external_tokens
         self._pending[request.request_id] = spec
 
@@ -176,6 +177,11 @@ class BlendConnector(KVConnectorBase_V1):
                 spec.block_ids = list(block_ids[0])
                 meta.loads.append(spec)
         return meta
+
+    def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        self._matched.pop(request.request_id, None)
+        self._pending.pop(request.request_id, None)
+        return False, None
 
     # ---- worker side ------------------------------------------------------------------------
 
@@ -204,8 +210,6 @@ class BlendConnector(KVConnectorBase_V1):
             k = pre.kv.k[i, :, spec.start : spec.end].transpose(0, 1).contiguous()
             v = pre.kv.v[i, :, spec.start : spec.end].transpose(0, 1).contiguous()
             layer.impl.do_kv_cache_update(layer, k, v, layer.kv_cache, slots)
-        self.stats["hits"] += 1
-        self.stats["loaded_tokens"] += spec.end - spec.start
         log.info(
             "BlendConnector: request %s: wrote %d blended tokens (%d recomputed, %.2f s)",
             spec.req_id,
