@@ -15,7 +15,7 @@ import argparse
 import json
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def run(args: argparse.Namespace, store: str) -> list[dict[str, Any]]:
+def run(args: argparse.Namespace, store: str) -> Iterator[dict[str, Any]]:
+    """One record per question, as each is done."""
     from vllm import LLM, SamplingParams
     from vllm.config import KVTransferConfig
 
@@ -73,7 +74,6 @@ def run(args: argparse.Namespace, store: str) -> list[dict[str, Any]]:
         return {"ttft_s": out.metrics.first_token_latency, "answer": text, "cached": out.num_cached_tokens}
 
     answer({"prompt_token_ids": engine.prompt_format.prefix_ids, "cache_salt": "warmup"}, None)
-    records = []
     for i, item in enumerate(items):
         chunks = chunks_of(item)
         ids = engine.prompt_format.build(chunks, item["question"]).ids
@@ -85,9 +85,8 @@ def run(args: argparse.Namespace, store: str) -> list[dict[str, Any]]:
         for r in results.values():
             r["f1"] = best_f1(r["answer"], item["answers"])
             r["same_as_plain"] = float(r["answer"] == results[PLAIN]["answer"])
-        records.append({"question": item["question"], "n_tokens": len(ids), "results": results})
         print(i, {k: round(v["ttft_s"], 2) for k, v in results.items()}, flush=True)
-    return records
+        yield {"question": item["question"], "n_tokens": len(ids), "results": results}
 
 
 def summarize_runs(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -113,17 +112,22 @@ def summarize_runs(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    records: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="blendrag-vllm-kv-") as tmp:
-        records = run(args, args.store or tmp)
-    summary = summarize_runs(records)
-    for row in summary:
+        for record in run(args, args.store or tmp):
+            records.append(record)
+            write_report(args, records)  # after every question: a cut-off run keeps what it measured
+    for row in summarize_runs(records):
         print(json.dumps(row))
+    return 0
+
+
+def write_report(args: argparse.Namespace, records: list[dict[str, Any]]) -> None:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-        report = {"settings": settings, "summary": summary, "records": records}
+        report = {"settings": settings, "summary": summarize_runs(records), "records": records}
         args.out.write_text(json.dumps(report, indent=1))
-    return 0
 
 
 if __name__ == "__main__":  # vLLM spawns processes: the guard keeps them from re-running this
