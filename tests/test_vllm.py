@@ -107,12 +107,13 @@ FALLBACK_QUESTION = "In which year was the lighthouse first lit?"
     "case", ["store_miss", "fingerprint_mismatch", "no_chunk_structure", "no_cache_salt"]
 )
 def test_fallback_is_a_normal_prefill(llm, store_engine, case):
-    # Each case its own chunks, so that no case meets another's blocks in vLLM's prefix cache.
+    # Each case its own first chunk, so that no case meets another's blocks in vLLM's prefix cache
+    # (which would count as cached tokens, rightly: they were prefilled normally).
     names = {
-        "store_miss": ["saint_orvo_lighthouse.md", "calder_cup_regatta.md"],
-        "fingerprint_mismatch": ["saint_orvo_lighthouse.md", "quillon_bicycle_works.txt"],
-        "no_chunk_structure": ["saint_orvo_lighthouse.md", "marisco_lantern_night.md"],
-        "no_cache_salt": ["saint_orvo_lighthouse.md", "tessaline_wool_cooperative.txt"],
+        "store_miss": ["calder_cup_regatta.md", "saint_orvo_lighthouse.md"],
+        "fingerprint_mismatch": ["quillon_bicycle_works.txt", "saint_orvo_lighthouse.md"],
+        "no_chunk_structure": ["marisco_lantern_night.md", "saint_orvo_lighthouse.md"],
+        "no_cache_salt": ["tessaline_wool_cooperative.txt", "saint_orvo_lighthouse.md"],
     }[case]
     chunks = sample_chunks(names)
     if case != "store_miss":
@@ -127,5 +128,5 @@ def test_fallback_is_a_normal_prefill(llm, store_engine, case):
     out = generate(llm, prompt, extra_args)
     assert out.num_cached_tokens == 0
     assert out.outputs[0].text == plain(llm, request.prompt_token_ids).outputs[0].text
-    if case == "store_miss":  # the lighthouse chunk is stored (by other tests), the second is not
-        assert not store_engine.has_kv(chunks[1])  # and the lookup computed nothing
+    if case == "store_miss":  # the lighthouse chunk is stored (by other tests), the first is not
+        assert not store_engine.has_kv(chunks[0])  # and the lookup computed nothing
