@@ -123,11 +123,7 @@ class BlendEngine:
         return self.prompt_format.prefix_ids if self.chunk_context == "prefix" else []
 
     def _segment_key(self, context: list[int], ids: list[int]) -> str:
-        h = hashlib.sha256(self.fingerprint.encode())
-        h.update(np.asarray(context, dtype=np.int64).tobytes())
-        h.update(b"|")
-        h.update(np.asarray(ids, dtype=np.int64).tobytes())
-        return h.hexdigest()
+        return segment_key(self.fingerprint, context, ids)
 
     def chunk_key(self, text: str) -> str:
         """Store key of a chunk's KV (fingerprint, chunk context and token ids)."""
@@ -319,6 +315,15 @@ class BlendEngine:
         buf.length += 1
         out = run_layers(self.model, self.rotary, buf, torch.tensor([token]), torch.tensor([position]))
         return self.model.logits(out.last_hidden)
+
+
+def segment_key(fingerprint: str, context: list[int], ids: list[int]) -> str:
+    """Store key of a segment's KV: model fingerprint, context token ids and its own token ids."""
+    h = hashlib.sha256(fingerprint.encode())
+    h.update(np.asarray(context, dtype=np.int64).tobytes())
+    h.update(b"|")
+    h.update(np.asarray(ids, dtype=np.int64).tobytes())
+    return h.hexdigest()
 
 
 def _eos_ids(loaded: LoadedModel) -> set[int]:

@@ -77,24 +77,43 @@ class LoadedModel:
     path: Path
 
 
-def load_model(path: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """Load a local HF Llama-family checkpoint (or the embedded default when ``path`` is None)."""
+@dataclass
+class Checkpoint:
+    """A checkpoint's identity without its weights: enough to build prompts and store keys."""
+
+    path: Path
+    config: object
+    tokenizer: PreTrainedTokenizerBase
+    weight_files: list[str]
+    fingerprint: str
+
+
+def inspect_checkpoint(
+    path: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32
+) -> Checkpoint:
+    """Config, tokenizer and fingerprint of a local HF checkpoint (default: the embedded model)."""
     model_dir = Path(path) if path is not None else default_model_dir()
     if not (model_dir / "config.json").exists():
         raise BlendRAGError(f"{model_dir}: not a model directory (no config.json)")
     config = AutoConfig.from_pretrained(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = Transformer(ModelArgs.from_hf(config))
     files = sorted(glob.glob(str(model_dir / "*.safetensors")))
     if not files:
         raise BlendRAGError(f"{model_dir}: no *.safetensors weights")
+    fingerprint = model_fingerprint(config.to_dict(), files, tokenizer, dtype)
+    return Checkpoint(model_dir, config, tokenizer, files, fingerprint)
+
+
+def load_model(path: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Load a local HF Llama-family checkpoint (or the embedded default when ``path`` is None)."""
+    ckpt = inspect_checkpoint(path, dtype)
+    model = Transformer(ModelArgs.from_hf(ckpt.config))
     state: dict[str, torch.Tensor] = {}
-    for f in files:
+    for f in ckpt.weight_files:
         state.update(load_file(f))
     model.load_hf_state_dict(state)
     model = model.to(dtype).eval().requires_grad_(False)
-    fingerprint = model_fingerprint(config.to_dict(), files, tokenizer, dtype)
-    return LoadedModel(model, tokenizer, config, fingerprint, model_dir)
+    return LoadedModel(model, ckpt.tokenizer, ckpt.config, ckpt.fingerprint, ckpt.path)
 
 
 def model_fingerprint(

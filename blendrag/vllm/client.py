@@ -1,0 +1,61 @@
+"""The request a client sends to a vLLM running ``BlendConnector``.
+
+The connector can only reuse chunk KV when the prompt's token ids are exactly the ids blendrag's
+``PromptFormat`` builds (each segment tokenized alone), so the client sends token ids, never text
+that vLLM would tokenize as a whole. The chunk structure travels in ``kv_transfer_params``, and a
+``cache_salt`` keeps the (approximate) blended KV out of vLLM's prefix cache for requests that
+were not blended the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from blendrag.prompt import PromptFormat
+
+
+@dataclass(frozen=True)
+class BlendRequest:
+    prompt_token_ids: list[int]
+    kv_transfer_params: dict[str, Any]
+    cache_salt: str
+
+    def tokens_prompt(self) -> dict[str, Any]:
+        """For ``LLM.generate``: a ``TokensPrompt`` (a plain dict)."""
+        return {"prompt_token_ids": self.prompt_token_ids, "cache_salt": self.cache_salt}
+
+    def extra_args(self) -> dict[str, Any]:
+        """For ``SamplingParams(extra_args=...)``."""
+        return {"kv_transfer_params": self.kv_transfer_params}
+
+    def completions_body(self) -> dict[str, Any]:
+        """For vLLM's OpenAI ``/v1/completions``: merge into the JSON body (or ``extra_body``)."""
+        return {
+            "prompt": self.prompt_token_ids,
+            "kv_transfer_params": self.kv_transfer_params,
+            "cache_salt": self.cache_salt,
+        }
+
+
+def blend_request(
+    prompt_format: PromptFormat,
+    chunks: list[str],
+    question: str,
+    *,
+    recompute_ratio: float | None = None,
+    fingerprint: str | None = None,
+) -> BlendRequest:
+    """Token ids and connector parameters for one RAG prompt.
+
+    ``recompute_ratio`` overrides the connector's configured ratio for this request.
+    ``fingerprint`` (the ``BlendEngine.fingerprint`` the client built the prompt for) makes the
+    connector refuse the request, and vLLM prefill it normally, when vLLM serves another model.
+    """
+    params: dict[str, Any] = {"chunks": list(chunks), "question": question}
+    if recompute_ratio is not None:
+        params["recompute_ratio"] = recompute_ratio
+    if fingerprint is not None:
+        params["fingerprint"] = fingerprint
+    salt = "blendrag" if recompute_ratio is None else f"blendrag-r{recompute_ratio}"
+    return BlendRequest(prompt_format.build(chunks, question).ids, params, salt)
