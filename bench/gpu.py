@@ -147,8 +147,15 @@ class LayerwiseLoader:
 
     def __init__(self, setup: Setup, buf: KVBuffer) -> None:
         self.setup, self.buf, self.done = setup, buf, 0
-        n = setup.n_chunk_tokens
-        self.cos, self.sin = setup.rotary.cos_sin(torch.arange(n, device=setup.device), setup.dtype)
+        # Positions made on the device: kernels.rope_realign builds them on the host and copies
+        # them in, a pageable copy that would block the host while it queues the 32 layers.
+        self.positions = torch.arange(setup.n_chunk_tokens, device=setup.device)
+        self.cos, self.sin = setup.rotary.cos_sin(self.positions, setup.dtype)
+        if setup.device.type == "cuda":
+            from blendrag.kernels.triton_rope import rope_realign
+        else:
+            from blendrag.kernels.reference import rope_realign
+        self.realign = rope_realign
         self.events: list[Any] = []
         if setup.device.type == "cuda":
             stream = torch.cuda.Stream(setup.device)
@@ -162,7 +169,7 @@ class LayerwiseLoader:
         n = self.setup.n_chunk_tokens
         self.buf.k[layer, :, :n].copy_(self.setup.pinned_k[layer], non_blocking=True)
         self.buf.v[layer, :, :n].copy_(self.setup.pinned_v[layer], non_blocking=True)
-        kernels.rope_realign(self.buf.k[layer : layer + 1], [(0, n)], self.cos, self.sin)
+        self.realign(self.buf.k[layer : layer + 1], self.positions, self.cos, self.sin)
 
     def ready(self, layer: int) -> None:
         last = min(layer, self.setup.model.args.n_layers - 1)

@@ -92,7 +92,7 @@ class LlamaCppPeer:
         ttft = time.perf_counter() - start
         tokens: list[int] = []
         for _ in range(max_new_tokens):
-            token = int(self.llm.eval_logits[-1].index(max(self.llm.eval_logits[-1])))
+            token = self.llm.sample(top_k=1, temp=0.0)  # greedy
             if token in eos:
                 break
             tokens.append(token)
