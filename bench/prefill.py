@@ -13,7 +13,8 @@ a question and its first ``--top-k`` passages. Peers:
   ``Llama.eval`` of the prompt. Skipped when the package is not installed.
 
 blendrag's ``full``, ``reuse`` and ``blend`` (one per ``--ratios``) run through the evaluation
-harness (chunk KV precomputed before timing). All threads: ``--threads`` (default: torch's).
+harness (chunk KV precomputed before timing); their TTFT includes building and tokenizing the
+prompt, the peers get the token ids. All threads: ``--threads`` (default: torch's).
 Each method is warmed up once on the first question (discarded). Reported per method: TTFT mean
 and p50, its speedup over transformers (transformers' mean / the method's mean), and the share
 of greedy answers (``--max-new-tokens``, first line) identical to blendrag ``full``'s.
