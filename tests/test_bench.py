@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import gpu, index_throughput, prefill
+from bench import gpu, index_throughput, prefill, roofline
 
 PASSAGE = "The lighthouse at Vellmark was built in {year} by the harbour guild and painted red."
 
@@ -88,3 +88,16 @@ def test_index_throughput_smoke(dataset, tiny_dirs, tmp_path):
     (run,) = report["queries"]["runs"]
     assert run["cache_misses"] == 0 and run["n_tokens"] > 0
     assert run["total_s"] >= run["retrieval_s"] + run["kv_load_s"] + run["blend_s"]
+
+
+def test_roofline_arithmetic():
+    s = roofline.Shape()
+    assert s.layer_params == 218_103_808  # Llama-3-8B: Q/K/V 25.2 M + O 16.8 M + MLP 176.2 M
+    reuse = roofline.model(s, 3072, 32, "reuse", 0.0, check=1)
+    # 32 question rows are far below the ridge point: reading the 14 GB of weights is the cost.
+    assert reuse["recompute_ms"] == pytest.approx(1e3 * 32 * s.layer_params * 2 / 3.35e12)
+    full = roofline.model(s, 3072, 32, "full", 0.0, check=1)
+    everything = roofline.model(s, 3072, 32, "blend", 1.0, check=1)
+    compute = ("all_token_ms", "recompute_ms", "logits_ms")
+    assert sum(everything[k] for k in compute) == pytest.approx(sum(full[k] for k in compute), rel=0.01)
+    assert full["ttft_gpu_kv_ms"] > roofline.model(s, 3072, 32, "blend", 0.15, check=1)["ttft_gpu_kv_ms"]
