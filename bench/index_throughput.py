@@ -1,0 +1,230 @@
+"""Index build throughput and query latency on MuSiQue passages used as a corpus (issue 3).
+
+    flock /tmp/blendrag-cpu.lock .venv/bin/python -m bench.index_throughput \\
+        --dataset ../shared/data/musique_dev.json --passages 1000 --out runs/index_throughput.json
+
+The passages (title + text, the 10 ctxs of each question in order) are written to a temporary
+``.jsonl`` file and indexed with ``build_index`` into a temporary index directory, KV on disk
+beside it. Reported: chunks/s and tokens/s of the whole build and of its KV part (the engine's
+``precompute``, store writes included), against the raw prefill throughput of the same model on
+the same tokens (a transformers forward, SDPA, fp32, of each distinct chunk alone); KV bytes per
+token on disk; and per query the latency split into retrieval, KV load (``store.get`` of the
+retrieved chunks, from disk into the memory tier of a fresh store), blend (``engine.prefill``
+with that KV in memory) and first token (sampling and detokenizing it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from blendrag.retriever import Retriever, build_index
+from blendrag.retriever.embedder import Embedder
+from blendrag.retriever.index_dir import KV_DIR_NAME, IndexDir
+from blendrag.retriever.indexer import index_stats
+
+from blendrag import BlendEngine
+from blendrag.store import open_store
+from eval.quality import chunk_text, load_dataset
+
+DEFAULT_DATASET = Path("../shared/data/musique_dev.json")
+
+
+class Timed:
+    """Wraps a callable and adds up the wall time spent in it."""
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self.fn, self.seconds = fn, 0.0
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return self.fn(*args, **kwargs)
+        finally:
+            self.seconds += time.perf_counter() - start
+
+
+def write_corpus(items: list[dict], n_passages: int, path: Path) -> int:
+    """The first ``n_passages`` ctxs, question by question, as one jsonl document each."""
+    lines = [
+        json.dumps({"id": f"q{qi}-p{pi}", "text": chunk_text(ctx)})
+        for qi, item in enumerate(items)
+        for pi, ctx in enumerate(item["ctxs"])
+    ][:n_passages]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return len(lines)
+
+
+def measure_build(corpus: Path, index_dir: Path, engine: BlendEngine) -> dict[str, Any]:
+    engine.precompute = Timed(engine.precompute)  # instance attribute: the indexer calls it
+    embedder = Embedder()
+    embedder.embed = Timed(embedder.embed)
+    start = time.perf_counter()
+    counts = build_index([corpus], index_dir, engine, embedder=embedder)
+    build_s = time.perf_counter() - start
+    stats = index_stats(index_dir)
+    chunks, tokens = stats["chunks"], stats["tokens"]
+    kv_s, embed_s = engine.precompute.seconds, embedder.embed.seconds
+    return {
+        "counts": counts,
+        "chunks": chunks,
+        "tokens": tokens,
+        "build_s": build_s,
+        "build_chunks_per_s": chunks / build_s,
+        "build_tokens_per_s": tokens / build_s,
+        "kv_s": kv_s,
+        "embed_s": embed_s,
+        "other_s": build_s - kv_s - embed_s,
+        "kv_bytes_on_disk": stats["kv_bytes"],
+    }
+
+
+def distinct_chunks(index_dir: Path) -> list[tuple[str, int]]:
+    """(text, n_tokens) of each distinct KV entry: identical texts share one entry."""
+    with IndexDir(index_dir) as index:
+        rows = index.docstore.db.execute(
+            "SELECT MIN(text), MIN(n_tokens) FROM chunks GROUP BY kv_key ORDER BY MIN(id)"
+        ).fetchall()
+    return [(text, n) for text, n in rows]
+
+
+@torch.inference_mode()
+def raw_prefill(model_dir: Path, engine: BlendEngine, texts: list[str]) -> dict[str, Any]:
+    """transformers forward (SDPA, fp32) of each chunk's token ids alone, as the engine tokenizes them."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="sdpa", dtype=torch.float32)
+    model.eval()
+    ids = [torch.tensor([engine.prompt_format.chunk_ids(t)]) for t in texts]
+    model(ids[0], use_cache=False, logits_to_keep=1)  # warm-up, discarded
+    start = time.perf_counter()
+    for x in ids:
+        model(x, use_cache=False, logits_to_keep=1)
+    seconds = time.perf_counter() - start
+    tokens = sum(x.shape[1] for x in ids)
+    return {
+        "what": "transformers AutoModelForCausalLM forward, sdpa, fp32, each distinct chunk alone",
+        "chunks": len(ids),
+        "tokens": tokens,
+        "seconds": seconds,
+        "chunks_per_s": len(ids) / seconds,
+        "tokens_per_s": tokens / seconds,
+    }
+
+
+def query_once(retriever: Retriever, engine: BlendEngine, question: str, top_k: int) -> dict[str, float]:
+    t0 = time.perf_counter()
+    texts = [c.text for c in retriever.search(question, top_k)]
+    t1 = time.perf_counter()
+    for text in texts:  # disk -> memory tier; the prefill below then finds the KV in memory
+        engine.store.get(engine.chunk_key(text))
+    t2 = time.perf_counter()
+    pre = engine.prefill(texts, question, mode="blend")
+    t3 = time.perf_counter()
+    engine.tokenizer.decode([int(pre.logits.argmax())])
+    t4 = time.perf_counter()
+    return {
+        "retrieval_s": t1 - t0,
+        "kv_load_s": t2 - t1,
+        "blend_s": t3 - t2,
+        "first_token_s": t4 - t3,
+        "total_s": t4 - t0,
+        "n_tokens": pre.stats["n_tokens"],
+        "n_recomputed": pre.stats["n_recomputed"],
+        "cache_hits": pre.stats["cache_hits"],
+        "cache_misses": pre.stats["cache_misses"],
+    }
+
+
+def measure_queries(
+    index_dir: Path, model: str | None, questions: list[str], warmup: str, top_k: int
+) -> dict[str, Any]:
+    # A fresh engine and store: its memory tier is empty, so KV comes from the disk tier.
+    engine = BlendEngine.from_pretrained(model, store=open_store(str(index_dir / KV_DIR_NAME)))
+    retriever = Retriever(index_dir)
+    try:
+        query_once(retriever, engine, warmup, top_k)  # discarded: lazy init, the prefix's segment
+        runs = [query_once(retriever, engine, q, top_k) for q in questions]
+    finally:
+        retriever.close()
+    keys = [k for k in runs[0] if k.endswith("_s")] if runs else []
+    return {
+        "top_k": top_k,
+        "mean": {k: statistics.fmean(r[k] for r in runs) for k in keys},
+        "runs": runs,
+    }
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.index_throughput", description=__doc__.splitlines()[0])
+    p.add_argument("--dataset", type=Path, default=DEFAULT_DATASET)
+    p.add_argument("--passages", type=int, default=1000, help="ctxs used as the corpus (10 per question)")
+    p.add_argument("--queries", type=int, default=5, help="questions whose latency is split")
+    p.add_argument("--top-k", type=int, default=6)
+    p.add_argument("--model", default=None, help="local checkpoint dir (default: the embedded model)")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument(
+        "--workdir", type=Path, default=None, help="keep the index here (default: a temp dir, removed)"
+    )
+    p.add_argument("--out", type=Path, default=None, help="write the results as JSON")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if not args.dataset.exists():
+        print(f"skipped: no dataset at {args.dataset}")
+        return 0
+    torch.set_num_threads(args.threads)
+    items = load_dataset(args.dataset, None)
+    if args.queries + 1 > len(items):
+        raise SystemExit(f"error: --queries {args.queries} needs {args.queries + 1} questions in the dataset")
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="blendrag-index-bench-"))
+    try:
+        corpus, index_dir = workdir / "corpus.jsonl", workdir / "index"
+        n_passages = write_corpus(items, args.passages, corpus)
+        engine = BlendEngine.from_pretrained(args.model, store=open_store(str(index_dir / KV_DIR_NAME)))
+        build = measure_build(corpus, index_dir, engine)
+        chunks = distinct_chunks(index_dir)
+        distinct_tokens = sum(n for _, n in chunks)
+        build["distinct_chunks"], build["distinct_tokens"] = len(chunks), distinct_tokens
+        build["kv_bytes_per_token"] = build["kv_bytes_on_disk"] / distinct_tokens
+        # Identical passages share one KV entry: the KV part computes each distinct chunk once.
+        build["kv_chunks_per_s"] = len(chunks) / build["kv_s"]
+        build["kv_tokens_per_s"] = distinct_tokens / build["kv_s"]
+        raw = raw_prefill(engine.model_path, engine, [t for t, _ in chunks])
+        questions = [it["question"] for it in items[: args.queries]]
+        queries = measure_queries(
+            index_dir, args.model, questions, items[args.queries]["question"], args.top_k
+        )
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(workdir, ignore_errors=True)
+    report = {
+        "settings": {**{k: str(v) for k, v in vars(args).items()}, "passages_indexed": n_passages},
+        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
+        "build": build,
+        "raw_prefill": raw,
+        "kv_vs_raw_tokens_per_s": build["kv_tokens_per_s"] / raw["tokens_per_s"],
+        "queries": queries,
+    }
+    print(json.dumps({k: v for k, v in report.items() if k != "queries"}, indent=1))
+    print(json.dumps(queries["mean"], indent=1))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

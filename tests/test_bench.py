@@ -1,0 +1,103 @@
+"""Smoke runs of the benchmarks on tiny inputs, so they cannot rot: each runs end to end on CPU
+with a tiny random-weight model and checks the shape and sanity of what it reports."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bench import gpu, index_throughput, prefill, roofline
+
+PASSAGE = "The lighthouse at Vellmark was built in {year} by the harbour guild and painted red."
+
+
+@pytest.fixture
+def dataset(tmp_path: Path) -> Path:
+    items = [
+        {
+            "question": f"Who built lighthouse number {i}?",
+            "answers": ["the harbour guild"],
+            "ctxs": [
+                {"title": f"Doc {i}.{j}", "text": PASSAGE.format(year=1800 + 10 * i + j)} for j in range(3)
+            ],
+        }
+        for i in range(2)
+    ]
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps(items))
+    return path
+
+
+def test_prefill_reports_every_method_against_transformers(dataset, tiny_dirs, tmp_path, capsys):
+    out, png = tmp_path / "prefill.json", tmp_path / "prefill.png"
+    argv = ["--dataset", str(dataset), "--n", "1", "--model", str(tiny_dirs["llama"]), "--kv-store", "memory"]
+    argv += ["--ratios", "0.3", "--max-new-tokens", "4", "--out", str(out), "--plot", str(png)]
+    assert prefill.main(argv) == 0
+    assert "llama.cpp skipped" in capsys.readouterr().out  # no GGUF for a --model: never needed
+    summary = {row["method"]: row for row in json.loads(out.read_text())["summary"]}
+    assert list(summary) == ["transformers", "full", "reuse", "blend/deviation@0.3"]
+    assert summary["transformers"]["speedup_vs_transformers"] == pytest.approx(1.0)
+    assert summary["full"]["identical_to_full"] == 1.0
+    for row in summary.values():
+        assert row["n"] == 1 and row["ttft_mean_s"] > 0
+    assert png.stat().st_size > 0
+
+
+def test_prefill_subset_and_bad_input(dataset, tmp_path, capsys):
+    assert prefill.main(["--dataset", str(tmp_path / "absent.json")]) == 0
+    assert "skipped: no dataset" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="unknown method"):
+        prefill.main(["--dataset", str(dataset), "--methods", "full,vllm"])
+
+
+def test_gpu_smoke_runs_every_mode_and_kernel(tmp_path):
+    out = tmp_path / "gpu.json"
+    assert gpu.main(["--smoke", "--out", str(out)]) == 0
+    (result,) = json.loads(out.read_text())["results"]
+    cases = {(r["mode"], r["ratio"], r["kv"]) for r in result["prefill"]}
+    assert ("full", None, "device") in cases
+    for kv in ("device", "host-copy"):
+        assert {("reuse", None, kv), ("blend", 0.05, kv), ("blend", 0.3, kv)} <= cases
+    assert all(r["ttft_ms"] > 0 for r in result["prefill"])
+    kernels = {r["kernel"].split(" (")[0] for r in result["kernels"]}
+    assert kernels == {"copy d2d", "rope_realign", "kv_deviation", "kv_scatter", "selective_attention"}
+
+
+def test_layerwise_loading_gives_the_same_logits():
+    """Loading chunk KV layer by layer (b) must prefill exactly as loading it all first (a)."""
+    model, rotary = gpu.build_model("tiny", "cpu", gpu.torch.float32)
+    setup = gpu.make_setup(model, rotary, n_chunks=3, chunk_tokens=8, question_tokens=3)
+    with gpu.torch.inference_mode():
+        for mode, ratio in [("reuse", None), ("blend", 0.3)]:
+            a = gpu.prefill(setup, mode, ratio, "device")
+            b = gpu.prefill(setup, mode, ratio, "pinned")
+            assert gpu.torch.equal(a, b)
+
+
+def test_index_throughput_smoke(dataset, tiny_dirs, tmp_path):
+    out = tmp_path / "index.json"
+    argv = ["--dataset", str(dataset), "--passages", "3", "--queries", "1", "--top-k", "2"]
+    assert index_throughput.main([*argv, "--model", str(tiny_dirs["llama"]), "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    build = report["build"]
+    assert build["chunks"] == 3 and build["counts"]["kv_computed"] == 3
+    assert build["kv_tokens_per_s"] > 0 and build["kv_bytes_per_token"] > 0
+    assert report["raw_prefill"]["chunks"] == 3
+    (run,) = report["queries"]["runs"]
+    assert run["cache_misses"] == 0 and run["n_tokens"] > 0
+    assert run["total_s"] >= run["retrieval_s"] + run["kv_load_s"] + run["blend_s"]
+
+
+def test_roofline_arithmetic():
+    s = roofline.Shape()
+    assert s.layer_params == 218_103_808  # Llama-3-8B: Q/K/V 25.2 M + O 16.8 M + MLP 176.2 M
+    reuse = roofline.model(s, 3072, 32, "reuse", 0.0, check=1)
+    # 32 question rows are far below the ridge point: reading the 14 GB of weights is the cost.
+    assert reuse["recompute_ms"] == pytest.approx(1e3 * 32 * s.layer_params * 2 / 3.35e12)
+    full = roofline.model(s, 3072, 32, "full", 0.0, check=1)
+    everything = roofline.model(s, 3072, 32, "blend", 1.0, check=1)
+    compute = ("all_token_ms", "recompute_ms", "logits_ms")
+    assert sum(everything[k] for k in compute) == pytest.approx(sum(full[k] for k in compute), rel=0.01)
+    assert full["ttft_gpu_kv_ms"] > roofline.model(s, 3072, 32, "blend", 0.15, check=1)["ttft_gpu_kv_ms"]
