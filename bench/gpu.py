@@ -210,7 +210,8 @@ def prefill(setup: Setup, mode: str, ratio: float | None, kv_location: str) -> t
         start = setup.n_chunk_tokens if mode == "reuse" else 0
         positions = torch.arange(start, n, device=device)
         if mode == "blend":
-            cfg = BlendConfig(recompute_ratio=ratio)
+            # CacheBlend's deviation selection; the default preview selector adds a reuse-sized pass.
+            cfg = BlendConfig(recompute_ratio=ratio, selector="deviation", check_layer=1)
             no_forced = torch.empty(0, dtype=torch.long, device=device)
             filters = make_filters(cfg, setup.n_chunk_tokens, setup.n_chunk_tokens, no_forced)
     out = run_layers(setup.model, setup.rotary, buf, setup.ids[positions], positions, filters)

@@ -252,7 +252,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # full always runs: it is the answer reference.
     ours = [m for m in args.methods if m in BLENDRAG_METHODS]
-    variants = build_variants(ours, args.ratios, ["deviation"])
+    variants = build_variants(ours, args.ratios, ["preview"])  # the default selection
     records = evaluate(backend, items, variants, dataset_chunks(args.top_k), args.max_new_tokens)
     rows = method_rows(records, variants, peer_results)
     summary = summarize_methods(rows)

@@ -37,7 +37,7 @@ def test_prefill_reports_every_method_against_transformers(dataset, tiny_dirs, t
     assert prefill.main(argv) == 0
     assert "llama.cpp skipped" in capsys.readouterr().out  # no GGUF for a --model: never needed
     summary = {row["method"]: row for row in json.loads(out.read_text())["summary"]}
-    assert list(summary) == ["transformers", "full", "reuse", "blend/deviation@0.3"]
+    assert list(summary) == ["transformers", "full", "reuse", "blend/preview@0.3"]
     assert summary["transformers"]["speedup_vs_transformers"] == pytest.approx(1.0)
     assert summary["full"]["identical_to_full"] == 1.0
     for row in summary.values():
