@@ -303,18 +303,18 @@ class BlendEngine:
         """Teacher forcing: append ``token_ids`` after the prefilled prompt in one pass and return
         the next-token logits after each of them, ``[len(token_ids), vocab]``. Greedy decoding
         from ``pre`` reproduces ``token_ids`` exactly when every row's argmax is the next id."""
-        buf = pre.kv
+        return self._extend(pre.kv, token_ids)
+
+    def _step(self, buf: KVBuffer, token: int) -> torch.Tensor:
+        return self._extend(buf, [token])[0]
+
+    def _extend(self, buf: KVBuffer, token_ids: list[int]) -> torch.Tensor:
+        """Append ``token_ids`` at the next positions of ``buf``; their next-token logits."""
         start = buf.length
         buf.length += len(token_ids)
         positions = torch.arange(start, buf.length)
         out = run_layers(self.model, self.rotary, buf, torch.tensor(token_ids), positions)
         return self.model.logits(out.hidden)
-
-    def _step(self, buf: KVBuffer, token: int) -> torch.Tensor:
-        position = buf.length
-        buf.length += 1
-        out = run_layers(self.model, self.rotary, buf, torch.tensor([token]), torch.tensor([position]))
-        return self.model.logits(out.last_hidden)
 
 
 def segment_key(fingerprint: str, context: list[int], ids: list[int]) -> str:
