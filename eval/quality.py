@@ -181,19 +181,28 @@ def evaluate(
     variants: list[Variant],
     chunk_source: ChunkSource,
     max_new_tokens: int,
+    done: Sequence[dict[str, Any]] = (),
+    on_record: Callable[[list[dict[str, Any]]], None] | None = None,
 ) -> list[dict[str, Any]]:
+    """Records of every item, in order. ``done`` are the records of a previous, interrupted run
+    (its first items, which are not run again); ``on_record`` sees the list after each question."""
+    records = list(done)
     chunk_lists = [chunk_source(item) for item in items]
-    precompute_all(backend.engine, chunk_lists)
-    if items:
+    precompute_all(backend.engine, chunk_lists[len(records) :])
+    if len(items) > len(records):
         # Warm-up (discarded), once per mode: a path's first call pays one-off costs (allocations,
         # lazy init) that would otherwise land on the first question's TTFT.
         first_of_mode: dict[str, Variant] = {}
         for variant in variants:
             first_of_mode.setdefault(variant.mode, variant)
         for variant in first_of_mode.values():
-            run_variant(backend, chunk_lists[0], items[0]["question"], variant, 1)
-    pairs = tqdm(list(zip(items, chunk_lists, strict=True)), desc="questions", unit="q")
-    return [evaluate_question(backend, item, chunks, variants, max_new_tokens) for item, chunks in pairs]
+            run_variant(backend, chunk_lists[-1], items[-1]["question"], variant, 1)
+    pairs = list(zip(items, chunk_lists, strict=True))[len(records) :]
+    for item, chunks in tqdm(pairs, desc="questions", unit="q", initial=len(records), total=len(items)):
+        records.append(evaluate_question(backend, item, chunks, variants, max_new_tokens))
+        if on_record:
+            on_record(records)
+    return records
 
 
 def _mean(values: list[float]) -> float:
@@ -366,19 +375,58 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--chunk-context", default="none", choices=["none", "prefix"])
     p.add_argument("--model", default=None, help="local checkpoint dir (default: the engine's default model)")
     p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--out", type=Path, default=None, help="write records and summary as JSON")
+    p.add_argument(
+        "--out", type=Path, default=None, help="write records and summary as JSON (after every question)"
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the records already in --out (same settings) and run the remaining questions",
+    )
     p.add_argument("--plot", type=Path, default=None, help="F1-vs-TTFT PNG; also writes <stem>_fidelity.png")
     return p.parse_args(argv)
 
 
-def write_outputs(
-    args: argparse.Namespace, summary: list[dict[str, Any]], records: list[dict[str, Any]]
+# Settings that may differ between an interrupted run and its resumption.
+_RESUMABLE = {"n", "out", "plot", "resume"}
+
+
+def _settings(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+
+
+def write_report(
+    args: argparse.Namespace, variants: list[Variant], records: list[dict[str, Any]], complete: bool
 ) -> None:
-    if args.out:
-        settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-        report = {"settings": settings, "summary": summary, "records": records}
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(_json_safe(report), indent=1, allow_nan=False))
+    """The JSON report, replaced atomically: a run killed mid-write leaves the previous one."""
+    report = {
+        "settings": _settings(args),
+        "complete": complete,
+        "summary": summarize_all(records, variants),
+        "records": records,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_name(args.out.name + ".tmp")
+    tmp.write_text(json.dumps(_json_safe(report), indent=1, allow_nan=False))
+    tmp.replace(args.out)
+
+
+def resumed_records(args: argparse.Namespace, items: list[Item]) -> list[dict[str, Any]]:
+    """The records of an earlier run into ``--out`` when ``--resume`` is given and it matches."""
+    if not (args.resume and args.out and args.out.exists()):
+        return []
+    report = json.loads(args.out.read_text())
+    mine, theirs = _settings(args), report.get("settings", {})
+    differing = sorted(k for k in mine.keys() - _RESUMABLE if theirs.get(k) != mine[k])
+    if differing:
+        raise ValueError(f"--resume: {args.out} was run with other settings ({', '.join(differing)})")
+    records = report.get("records", [])[: len(items)]
+    if [r["question"] for r in records] != [it["question"] for it in items[: len(records)]]:
+        raise ValueError(f"--resume: {args.out} holds other questions than the dataset's first ones")
+    return records
+
+
+def write_plots(args: argparse.Namespace, summary: list[dict[str, Any]]) -> None:
     if args.plot:
         args.plot.parent.mkdir(parents=True, exist_ok=True)
         plot_quality_vs_ttft(summary, args.plot)
@@ -399,6 +447,7 @@ def main(argv: Sequence[str] | None = None, backend_factory: Callable[..., Backe
     try:
         variants = build_variants(args.methods, args.ratios, args.configs)
         items = load_dataset(args.dataset, args.n)
+        done = resumed_records(args, items)
     except (ValueError, OSError) as err:
         raise SystemExit(f"error: {err}") from None
     backend = backend_factory(args.model, args.kv_store, args.chunk_context)
@@ -408,10 +457,14 @@ def main(argv: Sequence[str] | None = None, backend_factory: Callable[..., Backe
             backend.config_for(variant)
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None
-    records = evaluate(backend, items, variants, chunk_source(args, backend, items), args.max_new_tokens)
+    checkpoint = (lambda records: write_report(args, variants, records, complete=False)) if args.out else None
+    source = chunk_source(args, backend, items)
+    records = evaluate(backend, items, variants, source, args.max_new_tokens, done, checkpoint)
     summary = summarize_all(records, variants)
     print(format_table(summary))
-    write_outputs(args, summary, records)
+    if args.out:
+        write_report(args, variants, records, complete=True)
+    write_plots(args, summary)
     return 0
 
 

@@ -101,7 +101,7 @@ def test_harness_end_to_end(tmp_path, dataset, capsys):
     assert _run_main(args, engine) == 0
 
     report = json.loads(out.read_text(), parse_constant=_reject_constant)
-    assert set(report) == {"settings", "summary", "records"}
+    assert set(report) == {"settings", "complete", "summary", "records"} and report["complete"] is True
     blends = [f"blend/{s}@{r}" for s in ("deviation", "random") for r in (0.1, 0.3)]
     names = ["full", "prefix", "reuse", *blends]
     assert [row["name"] for row in report["summary"]] == names
@@ -135,6 +135,27 @@ def test_harness_end_to_end(tmp_path, dataset, capsys):
     assert table[0].split()[:3] == ["variant", "n", "F1"]
     assert [line.split()[0] for line in table[1:]] == names
     assert len({len(line) for line in table}) == 1  # aligned columns
+
+
+def test_resume_runs_only_the_questions_an_interrupted_run_did_not_finish(tmp_path, dataset):
+    out = tmp_path / "q.json"
+    base = ["--dataset", str(dataset), "--top-k", "2", "--ratios", "0.3", "--out", str(out)]
+    first = FakeEngine()
+    assert _run_main([*base, "--n", "1"], first) == 0
+    before = json.loads(out.read_text())
+
+    second = FakeEngine()
+    assert _run_main([*base, "--n", "3", "--resume"], second) == 0
+    report = json.loads(out.read_text())
+    assert report["complete"] and report["records"][0] == before["records"][0]
+    assert [r["question"] for r in report["records"]] == [f"Capital of France {i}?" for i in range(3)]
+    timed = {tuple(chunks) for kind, mode, chunks in second.log if kind == "call" and mode == "full"}
+    # The warm-up runs once on the last question; question 0 is never run again.
+    assert ("T0\ntext 0a", "text 0b") not in timed
+    assert report["summary"][0]["n"] == 3
+
+    with pytest.raises(SystemExit, match="other settings.*ratios"):
+        _run_main([*base[:-4], "--ratios", "0.1", "--out", str(out), "--resume"], FakeEngine())
 
 
 def test_chunks_are_top_k_with_titles_and_precomputed_first(dataset):
