@@ -23,6 +23,7 @@ import torch
 from torch.profiler import record_function
 
 from .config import MODES, BlendConfig, Mode
+from .errors import CorruptEntry
 from .forward import run_layers
 from .kvbuffer import KVBuffer
 from .loading import LoadedModel, blendrag_home, load_model
@@ -31,7 +32,7 @@ from .rope import Rotary
 from .sampling import Detokenizer, Sampler, SamplingParams
 from .selection import make_filters, preview_attention
 from .store import KVStore, open_store
-from .store.base import ChunkKV
+from .store.base import ChunkKV, LayeredKV
 
 ChunkContext = Literal["prefix", "none"]
 
@@ -80,6 +81,7 @@ class BlendEngine:
         config: BlendConfig | None = None,
         prompt_format: PromptFormat | None = None,
         chunk_context: ChunkContext = "none",
+        prefetch: bool = True,
     ) -> None:
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
@@ -89,6 +91,7 @@ class BlendEngine:
         self.config = config or BlendConfig()
         self.prompt_format = prompt_format or PromptFormat(self.tokenizer)
         self.chunk_context = chunk_context
+        self.prefetch = prefetch  # load reused KV layer by layer while computing (BlendEngine.prefill)
         self.rotary = Rotary(loaded.config, self.model.args.head_dim)
         self.dtype = next(self.model.parameters()).dtype
         self.eos_ids = _eos_ids(loaded)
@@ -104,6 +107,7 @@ class BlendEngine:
         threads: int | None = None,
         chunk_context: ChunkContext = "none",
         prompt_format: PromptFormat | None = None,
+        prefetch: bool = True,
     ) -> BlendEngine:
         """Load a Llama-family checkpoint (default: the embedded SmolLM2-135M-Instruct).
 
@@ -115,7 +119,7 @@ class BlendEngine:
             store = open_store(store or str(blendrag_home() / "kv"))
         loaded = load_model(path, dtype)
         pf = prompt_format or PromptFormat(loaded.tokenizer)
-        return cls(loaded, store, config, pf, chunk_context)
+        return cls(loaded, store, config, pf, chunk_context, prefetch)
 
     # ---- chunk KV -------------------------------------------------------------------------
 
@@ -129,14 +133,15 @@ class BlendEngine:
         """Store key of a chunk's KV (fingerprint, chunk context and token ids)."""
         return self._segment_key(self._context_ids(), self.prompt_format.chunk_ids(text))
 
-    def _segment(self, context: list[int], ids: list[int]) -> tuple[ChunkKV, bool]:
+    def _segment(self, context: list[int], ids: list[int]) -> tuple[LayeredKV, bool]:
         """A segment's KV from the store, computed and stored on a miss. Returns (kv, hit)."""
         return self._segments(context, [ids])[0]
 
-    def _segments(self, context: list[int], segments: list[list[int]]) -> list[tuple[ChunkKV, bool]]:
-        """``_segment`` of each, with one store lookup for all (one round trip to a remote tier)."""
+    def _segments(self, context: list[int], segments: list[list[int]]) -> list[tuple[LayeredKV, bool]]:
+        """``_segment`` of each, with one store lookup for all (one round trip to a remote tier).
+        Entries on disk are read layer by layer, when the buffer loads them."""
         keys = [self._segment_key(context, ids) for ids in segments]
-        found = dict(zip(keys, self.store.get_many(keys), strict=True))
+        found = dict(zip(keys, self.store.get_layered(keys), strict=True))
         out = []
         for key, ids in zip(keys, segments, strict=True):
             hit = found[key] is not None
@@ -189,23 +194,34 @@ class BlendEngine:
         cfg = self._resolve_config(recompute_ratio, config)
         start = time.perf_counter()
         prompt = self.prompt_format.build(chunks, question)
-        ids = torch.tensor(prompt.ids)
         # Room after the prompt: decoding's tokens, or the preview's draft tokens.
-        buf = KVBuffer(self.model.args, len(ids) + max(max_new_tokens, cfg.preview_draft), self.dtype)
-        buf.length = len(ids)
-        positions, filters, hits, misses = self._plan(mode, cfg, prompt, buf)
-        out = run_layers(self.model, self.rotary, buf, ids[positions], positions, filters)
+        capacity = len(prompt.ids) + max(max_new_tokens, cfg.preview_draft)
+        try:
+            buf, out, hits, misses = self._run_prefill(mode, cfg, prompt, capacity)
+        except CorruptEntry:
+            # A reused layer failed its checksum while loading. The store dropped that entry, so
+            # this second try recomputes the chunk instead.
+            buf, out, hits, misses = self._run_prefill(mode, cfg, prompt, capacity)
         logits = self.model.logits(out.last_hidden)
+        n = len(prompt.ids)
         stats = {
             "mode": mode,
-            "n_tokens": len(ids),
+            "n_tokens": n,
             "n_recomputed": out.n_active_per_layer[-1],
-            "compute_fraction": sum(out.n_active_per_layer) / (len(ids) * len(out.n_active_per_layer)),
+            "compute_fraction": sum(out.n_active_per_layer) / (n * len(out.n_active_per_layer)),
             "cache_hits": hits,
             "cache_misses": misses,
             "ttft_s": time.perf_counter() - start,
         }
         return Prefill(logits, stats, prompt, buf)
+
+    def _run_prefill(self, mode: Mode, cfg: BlendConfig, prompt: RAGPrompt, capacity: int):
+        ids = torch.tensor(prompt.ids)
+        buf = KVBuffer(self.model.args, capacity, self.dtype)
+        buf.length = len(ids)
+        positions, filters, hits, misses = self._plan(mode, cfg, prompt, buf)
+        out = run_layers(self.model, self.rotary, buf, ids[positions], positions, filters)
+        return buf, out, hits, misses
 
     def _plan(self, mode: Mode, cfg: BlendConfig, prompt: RAGPrompt, buf: KVBuffer):
         """Load reused KV into ``buf``; return (positions to compute, filters, hits, misses)."""
@@ -222,7 +238,7 @@ class BlendEngine:
             segments += [(offset, kv) for offset, (kv, _) in zip(offsets, fetched, strict=True)]
             hits = sum(hit for _, hit in fetched)
         with record_function("blendrag.realign"):
-            buf.load(segments, self.rotary)
+            buf.load(segments, self.rotary, background=self.prefetch)
         misses = len(segments) - 1 - hits
         if mode == "prefix":
             return torch.arange(segments[-1][0] + segments[-1][1].n_tokens, n), None, hits, misses

@@ -81,6 +81,7 @@ def run_layers(
     result = LayerLoopResult(h, [])
     n_start = positions.numel()
     for i, block in enumerate(model.layers):
+        kv.wait(i)  # a background load of reused KV may still be filling this layer
         # Profiler labels (free when no profiler runs): bench/profile_blend.py splits time on them.
         all_tokens = positions.numel() == n_start
         with record_function("blendrag.layers_all_tokens" if all_tokens else "blendrag.layers_selected"):

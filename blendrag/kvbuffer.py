@@ -6,8 +6,9 @@ import torch
 
 from . import kernels
 from .model import ModelArgs
+from .prefetch import LayerPrefetcher
 from .rope import Rotary
-from .store.base import ChunkKV
+from .store.base import LayeredKV
 
 
 class KVBuffer:
@@ -24,17 +25,39 @@ class KVBuffer:
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.length = 0  # positions [0, length) hold valid entries
+        self._prefetch: LayerPrefetcher | None = None
 
-    def load(self, segments: list[tuple[int, ChunkKV]], rotary: Rotary) -> None:
-        """Copy stored segments in at their start positions, then rotate their (un-rotated) keys
-        to those positions: one realignment over all layers and segments, with the same
-        arithmetic that rotates fresh keys."""
-        for start, kv in segments:
-            self.k[:, :, start : start + kv.n_tokens] = kv.k
-            self.v[:, :, start : start + kv.n_tokens] = kv.v
+    def load(self, segments: list[tuple[int, LayeredKV]], rotary: Rotary, background: bool = False) -> None:
+        """Copy stored segments in at their start positions and rotate their (un-rotated) keys to
+        those positions, with the same arithmetic that rotates fresh keys. In the foreground that
+        is one realignment over all layers and segments; with ``background`` a thread loads layer
+        by layer, and ``wait(layer)`` (which ``run_layers`` calls) blocks until a layer is in."""
         end = max((start + kv.n_tokens for start, kv in segments), default=0)
         cos, sin = rotary.cos_sin(torch.arange(end, device=self.k.device), self.k.dtype)
-        kernels.rope_realign(self.k, [(start, kv.n_tokens) for start, kv in segments], cos, sin)
+        spans = [(start, kv.n_tokens) for start, kv in segments]
+
+        def copy_layer(i: int) -> None:
+            for start, kv in segments:
+                k, v = kv.layer(i)
+                self.k[i, :, start : start + kv.n_tokens] = k
+                self.v[i, :, start : start + kv.n_tokens] = v
+
+        if background:
+
+            def load_layer(i: int) -> None:
+                copy_layer(i)
+                kernels.rope_realign(self.k[i : i + 1], spans, cos, sin)
+
+            self._prefetch = LayerPrefetcher(load_layer, self.k.shape[0])
+            return
+        for i in range(self.k.shape[0]):
+            copy_layer(i)
+        kernels.rope_realign(self.k, spans, cos, sin)
+
+    def wait(self, layer: int) -> None:
+        """Block until ``layer`` of a background ``load`` is in the buffer (no-op otherwise)."""
+        if self._prefetch is not None:
+            self._prefetch.wait(layer)
 
     def write(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         kernels.kv_scatter(self.k[layer], self.v[layer], positions, k, v)

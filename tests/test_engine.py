@@ -224,6 +224,33 @@ def test_corrupt_disk_entry_is_recomputed(tiny_dirs, tmp_path):
     torch.testing.assert_close(again.logits, first.logits)
 
 
+@pytest.mark.parametrize("mode", ["reuse", "blend"])
+def test_background_layer_loading_equals_loading_first(tiny_dirs, tmp_path, mode):
+    """Reading chunk KV from disk layer by layer on a thread changes when, never what, is loaded."""
+    path, store = str(tiny_dirs["llama"]), DiskStore(tmp_path / "kv")
+    foreground = BlendEngine.from_pretrained(path, store=store, prefetch=False)
+    background = BlendEngine.from_pretrained(path, store=store, prefetch=True)
+    foreground.precompute(CHUNKS)
+    for _ in range(3):
+        a = foreground.prefill(CHUNKS, QUESTION, mode=mode)
+        b = background.prefill(CHUNKS, QUESTION, mode=mode)
+        assert torch.equal(a.logits, b.logits) and torch.equal(a.kv.k, b.kv.k) and torch.equal(a.kv.v, b.kv.v)
+
+
+def test_layer_load_failure_reaches_the_waiting_request_only_for_layers_not_loaded():
+    from blendrag.prefetch import LayerPrefetcher
+
+    def load(i):
+        if i == 2:
+            raise OSError("disk gone")
+
+    prefetcher = LayerPrefetcher(load, 4)
+    prefetcher.wait(1)
+    for layer in (2, 3):
+        with pytest.raises(OSError, match="disk gone"):
+            prefetcher.wait(layer)
+
+
 def test_kv_of_another_model_is_never_used(tiny_dirs):
     store = MemoryStore(1 << 28)
     a = BlendEngine.from_pretrained(str(tiny_dirs["llama"]), store=store)

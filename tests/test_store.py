@@ -243,6 +243,36 @@ def test_disk_corrupt_entry_is_dropped_and_counted(tmp_path, caplog, damage):
     assert store.stats["corrupt"] == 1 and store.stats["misses"] == 1
 
 
+def test_disk_layered_read_verifies_each_layer_when_it_is_read(tmp_path, caplog):
+    store = DiskStore(tmp_path)
+    kv = make_kv(n_layers=3)
+    store.put("deadbeef", kv)
+    (layered,) = store.get_layered(["deadbeef"])
+    assert (layered.n_layers, layered.n_tokens) == (3, 5) and store.stats["hits"] == 1
+    for i in range(3):
+        assert all(torch.equal(a, b) for a, b in zip(layered.layer(i), kv.layer(i), strict=True))
+
+    path = tmp_path / "de" / "deadbeef.kv"
+    header = codec.read_header(path.read_bytes())
+    data = bytearray(path.read_bytes())
+    data[header.layer_offset(1) + 3] ^= 0xFF
+    path.write_bytes(data)
+    (layered,) = store.get_layered(["deadbeef"])  # the header is fine: damage shows at layer 1
+    layered.layer(0)
+    with caplog.at_level(logging.WARNING, logger="blendrag.store.disk"), pytest.raises(CorruptEntry):
+        layered.layer(1)
+    assert "deadbeef" in caplog.text and not path.exists() and store.stats["corrupt"] == 1
+
+
+def test_disk_layered_read_of_truncated_or_missing_entry_is_a_miss(tmp_path):
+    store = DiskStore(tmp_path)
+    store.put("deadbeef", make_kv())
+    path = tmp_path / "de" / "deadbeef.kv"
+    path.write_bytes(path.read_bytes()[:-7])
+    assert store.get_layered(["deadbeef", "cafe"]) == [None, None]
+    assert not path.exists() and store.stats["corrupt"] == 1 and store.stats["misses"] == 2
+
+
 def test_disk_put_leaves_no_temp_files(tmp_path):
     store = DiskStore(tmp_path)
     for key in ("aa1", "aa2", "bb1"):
@@ -296,6 +326,22 @@ def test_tiered_promotes_disk_hit_into_memory(tmp_path):
     assert store.stats["hits"] == 2
     assert store.tier_bytes() == {"memory": kv.nbytes, "disk": disk.nbytes()}
     assert store.nbytes() == kv.nbytes + disk.nbytes()
+
+
+def test_tiered_layered_disk_hit_is_promoted_once_every_layer_is_read(tmp_path):
+    memory, disk = MemoryStore(10**6), DiskStore(tmp_path)
+    store = TieredStore([memory, disk])
+    kv = make_kv(n_layers=3)
+    disk.put("abc", kv)
+    layered, missing = store.get_layered(["abc", "abd"])
+    assert missing is None and store.stats["hits"] == 1 and store.stats["misses"] == 1
+    for i in (2, 0, 2):  # any order, repeats allowed
+        layered.layer(i)
+    assert not memory.contains("abc")
+    layered.layer(1)
+    assert_bit_equal(memory.get("abc"), kv)
+    (from_memory,) = store.get_layered(["abc"])
+    assert isinstance(from_memory, ChunkKV) and disk.stats["hits"] == 1
 
 
 def test_tiered_put_delete_and_miss_reach_every_tier(tmp_path):

@@ -5,8 +5,22 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
+
+
+class LayeredKV(Protocol):
+    """A chunk's KV that can be read one layer at a time (``k``, ``v``: ``[n_kv_heads, n_tokens,
+    head_dim]``), so that computing layer i can start before later layers are read."""
+
+    @property
+    def n_layers(self) -> int: ...
+
+    @property
+    def n_tokens(self) -> int: ...
+
+    def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 @dataclass
@@ -32,6 +46,9 @@ class ChunkKV:
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
 
+    def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.k[i], self.v[i]
+
 
 class KVStore(ABC):
     """Maps a content key (model fingerprint + chunk context + token ids) to a chunk's KV.
@@ -50,6 +67,12 @@ class KVStore(ABC):
     def get_many(self, keys: Sequence[str]) -> list[ChunkKV | None]:
         """``get`` of each key, in order; remote backends override this with one round trip."""
         return [self.get(key) for key in keys]
+
+    def get_layered(self, keys: Sequence[str]) -> list[LayeredKV | None]:
+        """Like ``get_many``, but a backend that can read a single layer (disk) returns entries
+        that read each layer only when asked for it; a damaged layer then raises
+        ``CorruptEntry`` at that read (the entry is dropped and counted first)."""
+        return list(self.get_many(keys))
 
     @abstractmethod
     def put(self, key: str, kv: ChunkKV) -> None: ...

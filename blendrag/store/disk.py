@@ -7,11 +7,14 @@ import os
 import re
 import tempfile
 import threading
+from collections.abc import Sequence
 from pathlib import Path
+
+import torch
 
 from blendrag.errors import BlendRAGError, CorruptEntry
 from blendrag.store import codec
-from blendrag.store.base import ChunkKV, KVStore
+from blendrag.store.base import ChunkKV, KVStore, LayeredKV
 
 log = logging.getLogger(__name__)
 
@@ -53,12 +56,39 @@ class DiskStore(KVStore):
             self._count("misses")
             return None
         except CorruptEntry as e:
-            log.warning("dropping corrupt KV entry %s (%s): %s", key, path, e)
-            self.delete(key)
-            self._count("corrupt", "misses")
+            self._drop(key, e)
+            self._count("misses")
             return None
         self._count("hits")
         return kv
+
+    def get_layered(self, keys: Sequence[str]) -> list[LayeredKV | None]:
+        """Entries whose header is read and verified now, and each layer when it is asked for."""
+        return [self._open_layered(key) for key in keys]
+
+    def _open_layered(self, key: str) -> _FileLayers | None:
+        path = self.path(key)
+        try:
+            with open(path, "rb") as f:
+                header = codec.read_header(f)
+                size = os.fstat(f.fileno()).st_size
+            expected = header.data_offset + header.payload_len
+            if size != expected:
+                raise CorruptEntry(f"file is {size} bytes, header says {expected} (truncated?)")
+        except FileNotFoundError:
+            self._count("misses")
+            return None
+        except CorruptEntry as e:
+            self._drop(key, e)
+            self._count("misses")
+            return None
+        self._count("hits")
+        return _FileLayers(self, key, header)
+
+    def _drop(self, key: str, error: CorruptEntry) -> None:
+        log.warning("dropping corrupt KV entry %s (%s): %s", key, self.path(key), error)
+        self.delete(key)
+        self._count("corrupt")
 
     def put(self, key: str, kv: ChunkKV) -> None:
         path = self.path(key)
@@ -101,6 +131,25 @@ class DiskStore(KVStore):
             elif path.suffix == _SUFFIX:
                 sizes[path.stem] = path.stat().st_size
         return sizes
+
+
+class _FileLayers:
+    """One entry read layer by layer, each layer's checksum verified as it is read. The file is
+    opened per read: an entry replaced meanwhile (same key, same content) reads the same."""
+
+    def __init__(self, store: DiskStore, key: str, header: codec.Header) -> None:
+        self._store, self._key, self._header = store, key, header
+        self.n_layers, self.n_tokens = header.n_layers, header.shape[2]
+
+    def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        try:
+            with open(self._store.path(self._key), "rb") as f:
+                return codec.read_layer(f, self._header, i)
+        except FileNotFoundError:
+            raise CorruptEntry(f"KV entry {self._key} was deleted while being read") from None
+        except CorruptEntry as e:
+            self._store._drop(self._key, e)
+            raise
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

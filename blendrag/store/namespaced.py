@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from blendrag.store.base import ChunkKV, KVStore
+from blendrag.store.base import ChunkKV, KVStore, LayeredKV
 
 
 class NamespacedStore(KVStore):
@@ -26,6 +26,9 @@ class NamespacedStore(KVStore):
 
     def get_many(self, keys: Sequence[str]) -> list[ChunkKV | None]:
         return self.inner.get_many([self._key(key) for key in keys])
+
+    def get_layered(self, keys: Sequence[str]) -> list[LayeredKV | None]:
+        return self.inner.get_layered([self._key(key) for key in keys])
 
     def put(self, key: str, kv: ChunkKV) -> None:
         self.inner.put(self._key(key), kv)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 
-from blendrag.store.base import ChunkKV, KVStore
+import torch
+
+from blendrag.store.base import ChunkKV, KVStore, LayeredKV
 
 
 class TieredStore(KVStore):
@@ -31,16 +34,33 @@ class TieredStore(KVStore):
 
     def get_many(self, keys: Sequence[str]) -> list[ChunkKV | None]:
         """Each tier is asked once, for the keys the faster tiers missed (one round trip each)."""
-        found: dict[str, ChunkKV] = {}
+
+        def promote(key: str, kv: ChunkKV, faster: list[KVStore]) -> ChunkKV:
+            for tier in faster:
+                tier.put(key, kv)
+            return kv
+
+        return self._lookup(keys, lambda tier, todo: tier.get_many(todo), promote)
+
+    def get_layered(self, keys: Sequence[str]) -> list[LayeredKV | None]:
+        """As ``get_many``; an entry found in a slower tier is copied into the faster ones once
+        all its layers have been read."""
+
+        def promote(key: str, kv: LayeredKV, faster: list[KVStore]) -> LayeredKV:
+            return _Promoting(kv, lambda whole: [tier.put(key, whole) for tier in faster]) if faster else kv
+
+        return self._lookup(keys, lambda tier, todo: tier.get_layered(todo), promote)
+
+    def _lookup(self, keys: Sequence[str], fetch: Callable, promote: Callable) -> list:
+        """Ask each tier once (``fetch(tier, keys)``) for the keys faster tiers missed."""
+        found: dict = {}
         for i, tier in enumerate(self.tiers):
             todo = [key for key in dict.fromkeys(keys) if key not in found]
             if not todo:
                 break
-            for key, kv in zip(todo, tier.get_many(todo), strict=True):
+            for key, kv in zip(todo, fetch(tier, todo), strict=True):
                 if kv is not None:
-                    found[key] = kv
-                    for faster in self.tiers[:i]:
-                        faster.put(key, kv)
+                    found[key] = promote(key, kv, self.tiers[:i])
         self.stats["hits"] += sum(key in found for key in keys)
         self.stats["misses"] += sum(key not in found for key in keys)
         self._roll_up()
@@ -69,3 +89,24 @@ class TieredStore(KVStore):
     def _roll_up(self) -> None:
         for name in ("corrupt", "evictions", "unavailable"):
             self.stats[name] = sum(tier.stats[name] for tier in self.tiers)
+
+
+class _Promoting:
+    """A layered entry from a slower tier that hands the whole entry to ``on_complete`` (to copy
+    it into the faster tiers) once every layer has been read."""
+
+    def __init__(self, inner: LayeredKV, on_complete: Callable[[ChunkKV], object]) -> None:
+        self._inner, self._on_complete = inner, on_complete
+        self.n_layers, self.n_tokens = inner.n_layers, inner.n_tokens
+        self._layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._lock = threading.Lock()
+
+    def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        k, v = self._inner.layer(i)
+        with self._lock:
+            complete = i not in self._layers and len(self._layers) == self.n_layers - 1
+            self._layers[i] = (k, v)
+        if complete:
+            ks, vs = zip(*(self._layers[j] for j in range(self.n_layers)), strict=True)
+            self._on_complete(ChunkKV(torch.stack(ks), torch.stack(vs)))
+        return k, v
