@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import gpu, index_throughput, prefill, roofline
+from bench import gpu, index_throughput, prefetch, prefill, roofline
 
 PASSAGE = "The lighthouse at Vellmark was built in {year} by the harbour guild and painted red."
 
@@ -50,6 +50,19 @@ def test_prefill_subset_and_bad_input(dataset, tmp_path, capsys):
     assert "skipped: no dataset" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="unknown method"):
         prefill.main(["--dataset", str(dataset), "--methods", "full,vllm"])
+
+
+@pytest.mark.parametrize("cold", [False, True])
+def test_prefetch_reports_load_and_both_ttfts(dataset, tiny_dirs, tmp_path, capsys, cold):
+    out = tmp_path / "prefetch.json"
+    argv = ["--dataset", str(dataset), "--n", "2", "--model", str(tiny_dirs["llama"]), "--out", str(out)]
+    assert prefetch.main(argv + ["--kv-dir", str(tmp_path / "kv")] + (["--cold"] if cold else [])) == 0
+    report = json.loads(out.read_text())
+    assert len(report["runs"]) == 2
+    for run in report["runs"]:
+        assert run["load_s"] > 0 and run["ttft_foreground_s"] > 0 and run["ttft_background_s"] > 0
+    assert "of the load hidden" in capsys.readouterr().out
+    assert len(list((tmp_path / "kv").rglob("*.kv"))) == 7  # 6 chunks and the shared prompt prefix
 
 
 def test_gpu_smoke_runs_every_mode_and_kernel(tmp_path):
