@@ -153,9 +153,12 @@ class LayerwiseLoader:
         self.cos, self.sin = setup.rotary.cos_sin(self.positions, setup.dtype)
         if setup.device.type == "cuda":
             from blendrag.kernels.triton_rope import rope_realign
+
+            self.realign = lambda k: rope_realign(k, self.positions, self.cos, self.sin)
         else:
             from blendrag.kernels.reference import rope_realign
-        self.realign = rope_realign
+
+            self.realign = lambda k: rope_realign(k, [(0, setup.n_chunk_tokens)], self.cos, self.sin)
         self.events: list[Any] = []
         if setup.device.type == "cuda":
             stream = torch.cuda.Stream(setup.device)
@@ -169,7 +172,7 @@ class LayerwiseLoader:
         n = self.setup.n_chunk_tokens
         self.buf.k[layer, :, :n].copy_(self.setup.pinned_k[layer], non_blocking=True)
         self.buf.v[layer, :, :n].copy_(self.setup.pinned_v[layer], non_blocking=True)
-        self.realign(self.buf.k[layer : layer + 1], self.positions, self.cos, self.sin)
+        self.realign(self.buf.k[layer : layer + 1])
 
     def ready(self, layer: int) -> None:
         last = min(layer, self.setup.model.args.n_layers - 1)

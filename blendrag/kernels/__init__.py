@@ -54,14 +54,14 @@ def rope_realign(
     """Rotate the un-rotated keys in ``segments`` of ``k [L, Hkv, capacity, D]``, every layer,
     in place, to their positions. ``cos``/``sin`` are ``[T, D]`` tables by position (T > every
     position), e.g. ``rotary.cos_sin(torch.arange(T), k.dtype)``."""
-    positions = segment_positions(segments, k.device)
-    if positions.numel() == 0:
+    if not _use_triton(k):
+        reference.rope_realign(k, segments, cos, sin)
         return
-    if _use_triton(k):
-        from .triton_rope import rope_realign as impl
-    else:
-        impl = reference.rope_realign
-    impl(k, positions, cos, sin)
+    positions = segment_positions(segments, k.device)
+    if positions.numel() > 0:
+        from .triton_rope import rope_realign
+
+        rope_realign(k, positions, cos, sin)
 
 
 def kv_deviation(v_fresh: torch.Tensor, v_layer: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

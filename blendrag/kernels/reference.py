@@ -2,19 +2,35 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 
-from ..rope import rotate
 
+def rope_realign(
+    k: torch.Tensor, segments: Sequence[tuple[int, int]], cos: torch.Tensor, sin: torch.Tensor
+) -> None:
+    """Rotate the ``(start, length)`` segments of ``k`` (every layer) in place by the tables' rows
+    at their positions.
 
-def rope_realign(k: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
-    """Rotate ``k[:, :, positions]`` of every layer in place by the tables' rows at ``positions``.
-
-    Same arithmetic as rotating a fresh key (``rope.rotate`` in the buffer's dtype), so reused and
-    recomputed keys at one position are bitwise equal on CPU.
+    ``rope.rotate``'s arithmetic, written on the two halves of the head dimension: a slice per
+    segment and no concatenated rotated-half copy, several times faster on CPU than rotating
+    gathered positions, and bitwise equal to it, so that reused and recomputed keys at one
+    position are bitwise equal on CPU.
     """
-    k[:, :, positions] = rotate(k[:, :, positions], cos[positions], sin[positions])
+    half = k.shape[-1] // 2
+    for start, length in segments:
+        end = start + length
+        x1, x2 = k[:, :, start:end, :half], k[:, :, start:end, half:]
+        c1, c2 = cos[start:end, :half], cos[start:end, half:]
+        s1, s2 = sin[start:end, :half], sin[start:end, half:]
+        first = x1 * c1
+        first -= x2 * s1  # rotate: x1 * c1 + (-x2) * s1
+        second = x2 * c2
+        second += x1 * s2
+        x1.copy_(first)
+        x2.copy_(second)
 
 
 def kv_deviation(v_fresh: torch.Tensor, v_layer: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
