@@ -20,10 +20,13 @@ from .live_index import LiveIndex
 from .metrics import Metrics
 from .openai_compat import openai_router
 from .query import query_router
-from .rag import RAGService
+from .rag import InFlightLimit, RAGService
 from .schemas import Health
 from .tenants import DEFAULT_NAMESPACE, TenantConfig, namespace_engine, namespace_index_dir, service_resolver
 from .worker import worker_for
+
+# Each answer in flight holds its prompt's KV buffer (about 0.2 GB for a 4K-token SmolLM2 prompt).
+DEFAULT_MAX_IN_FLIGHT = 16
 
 
 def create_app(
@@ -31,11 +34,13 @@ def create_app(
     retriever_or_index_dir: Retriever | str | Path,
     model_name: str | None = None,
     tenants: TenantConfig | None = None,
+    max_in_flight: int | None = DEFAULT_MAX_IN_FLIGHT,
 ) -> FastAPI:
     """The app answering from ``engine`` and the index (a ``Retriever`` or its directory, which may
     not exist yet: documents can be added through the API). ``model_name``: the id in
     ``/v1/models`` (default: the checkpoint directory's name). ``tenants``: API keys and their
-    namespaces (see ``tenants.py``); each namespace's index lives under the index directory."""
+    namespaces (see ``tenants.py``); each namespace's index lives under the index directory.
+    ``max_in_flight``: answers decoded at once, over all namespaces (more wait; None: no cap)."""
     model_name = model_name or Path(engine.model_path).name
     metrics = Metrics(engine.store)
     worker = worker_for(engine)
@@ -49,8 +54,9 @@ def create_app(
             ns: LiveIndex(namespace_engine(engine, tenants, ns), namespace_index_dir(root, ns))
             for ns in tenants.namespaces
         }
+    limit = InFlightLimit(max_in_flight) if max_in_flight else None
     services = {
-        ns: RAGService(index.engine, index, observe=metrics.observe_generation, worker=worker)
+        ns: RAGService(index.engine, index, observe=metrics.observe_generation, worker=worker, limit=limit)
         for ns, index in indexes.items()
     }
     resolve = service_resolver(services, tenants)

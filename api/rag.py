@@ -7,8 +7,11 @@ index call goes through the engine's ``ComputeWorker``.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import threading
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 
@@ -61,6 +64,43 @@ class Answer:
         return dict(self.generation.stats, retrieval_s=self.retrieval_s)
 
 
+class InFlightLimit:
+    """At most ``n`` answers in flight (from prefill to their last token) at once.
+
+    Every answer holds its prompt's KV buffer (~46 KB per token with SmolLM2) until it ends, and
+    decode steps of different answers interleave, so without a cap memory grows with the number
+    of clients. A request over the cap waits for a slot (no error). Shared by sync and async
+    callers: a threading semaphore, polled from the event loop so that waiting blocks no thread.
+    """
+
+    def __init__(self, n: int) -> None:
+        if n < 1:
+            raise ValueError(f"the in-flight limit must be >= 1, got {n}")
+        self.n = n
+        self._slots = threading.BoundedSemaphore(n)
+
+    async def acquire(self) -> Slot:
+        while not self._slots.acquire(blocking=False):
+            await asyncio.sleep(0.01)
+        return Slot(self._slots)
+
+    def acquire_sync(self) -> Slot:
+        self._slots.acquire()
+        return Slot(self._slots)
+
+
+class Slot:
+    """One answer's place under an ``InFlightLimit``; ``release`` may be called any number of times."""
+
+    def __init__(self, slots: threading.BoundedSemaphore) -> None:
+        self._slots: threading.BoundedSemaphore | None = slots
+
+    def release(self) -> None:
+        slots, self._slots = self._slots, None
+        if slots is not None:
+            slots.release()
+
+
 class RAGService:
     def __init__(
         self,
@@ -68,12 +108,15 @@ class RAGService:
         index: LiveIndex | None = None,
         observe: Callable[[dict], None] | None = None,
         worker: ComputeWorker | None = None,
+        limit: InFlightLimit | None = None,
     ) -> None:
-        """``worker``: default the engine's own; tenants' views of one engine share its worker."""
+        """``worker``: default the engine's own; tenants' views of one engine share its worker
+        (and should share one ``limit``; None: no cap)."""
         self.engine = engine
         self.index = index
         self.worker = worker or worker_for(engine)
         self.observe = observe or (lambda stats: None)
+        self.limit = limit
 
     async def answer(self, ask: Ask) -> Answer:
         stream = await self.stream(ask)
@@ -84,7 +127,8 @@ class RAGService:
     async def stream(self, ask: Ask) -> AnswerStream:
         """Retrieve and prefill before returning, so their errors come back as an HTTP error."""
         chunks, retrieval_s = await self.worker.run(_guarded, self._retrieve, ask)
-        stream = AnswerStream(self, ask, chunks, retrieval_s)
+        slot = await self.limit.acquire() if self.limit else None
+        stream = AnswerStream(self, ask, chunks, retrieval_s, slot)
         await stream.start()
         return stream
 
@@ -96,7 +140,8 @@ class RAGService:
 
     def stream_sync(self, ask: Ask) -> AnswerStream:
         chunks, retrieval_s = self.worker.call(_guarded, self._retrieve, ask)
-        stream = AnswerStream(self, ask, chunks, retrieval_s)
+        slot = self.limit.acquire_sync() if self.limit else None
+        stream = AnswerStream(self, ask, chunks, retrieval_s, slot)
         stream.start_sync()
         return stream
 
@@ -113,8 +158,18 @@ class RAGService:
 class AnswerStream:
     """Text pieces of one answer (iterate sync or async, not both); ``answer`` once exhausted."""
 
-    def __init__(self, service: RAGService, ask: Ask, chunks: list[SourceChunk], retrieval_s: float):
+    def __init__(
+        self,
+        service: RAGService,
+        ask: Ask,
+        chunks: list[SourceChunk],
+        retrieval_s: float,
+        slot: Slot | None = None,
+    ) -> None:
         self.service, self.chunks, self.retrieval_s = service, chunks, retrieval_s
+        self._slot = slot
+        if slot is not None:  # also freed if the stream is dropped unread (a client gone early)
+            weakref.finalize(self, slot.release)
         self._generation: GenerationStream = service.engine.stream(
             [c.text for c in chunks],
             ask.question,
@@ -135,11 +190,19 @@ class AnswerStream:
 
     async def start(self) -> None:
         """Run the prefill (the first step); a failure raises here, before any byte is sent."""
-        self._first = [p for p in [await self.service.worker.run(self._next)] if p is not None]
+        try:
+            self._first = [p for p in [await self.service.worker.run(self._next)] if p is not None]
+        except BaseException:
+            self._release()
+            raise
         self._finish_if_done()
 
     def start_sync(self) -> None:
-        self._first = [p for p in [self.service.worker.call(self._next)] if p is not None]
+        try:
+            self._first = [p for p in [self.service.worker.call(self._next)] if p is not None]
+        except BaseException:
+            self._release()
+            raise
         self._finish_if_done()
 
     async def __aiter__(self) -> AsyncIterator[str]:
@@ -168,11 +231,17 @@ class AnswerStream:
         so it is safe from an event loop being torn down."""
         if self.answer is None:
             self.service.worker.submit(self._generation.close)
+            self._release()
+
+    def _release(self) -> None:
+        if self._slot is not None:
+            self._slot.release()
 
     def _finish_if_done(self) -> None:
         result = self._generation.result
         if result is not None and self.answer is None:
             self.answer = Answer(result, self.chunks, self.retrieval_s)
+            self._release()
             self.service.observe(result.stats)
 
 

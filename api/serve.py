@@ -19,7 +19,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=Path,
         help="JSON file mapping API keys to namespaces (default: $BLENDRAG_API_KEYS; none: no keys)",
     )
+    serve.add_argument(
+        "--max-in-flight",
+        type=_positive_int,
+        default=None,
+        help="answers decoded at once; more requests wait for a slot (default: 16)",
+    )
     serve.set_defaults(func=run_serve)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def run_serve(args: argparse.Namespace) -> None:
@@ -32,6 +45,7 @@ def run_serve(args: argparse.Namespace) -> None:
 
     tenants = load_tenants(args.api_keys)  # a bad key file fails before the model loads
     engine = load_engine(args.model, args.kv_store or str(args.index_dir / KV_DIR_NAME))
-    app = create_app(engine, args.index_dir, model_name=args.model_name, tenants=tenants)
+    limit = {} if args.max_in_flight is None else {"max_in_flight": args.max_in_flight}
+    app = create_app(engine, args.index_dir, model_name=args.model_name, tenants=tenants, **limit)
     # One process, one event loop: the engine must not be loaded once per worker process.
     uvicorn.run(app, host=args.host, port=args.port, workers=1)
