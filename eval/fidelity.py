@@ -152,6 +152,7 @@ def summarize_all(records: list[dict[str, Any]], variants: list[Variant]) -> lis
         for key in (
             "identical",
             "identical_first_line",
+            "first_miss",
             "kl_first",
             "delta_nll",
             "ttft_s",
@@ -201,14 +202,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     start = time.perf_counter()
     records = evaluate(backend, items, variants, args.top_k, args.max_new_tokens, args.ref_cache)
     summary = summarize_all(records, variants)
-    print(format_table(summary))
-    print(f"({len(items)} questions, {time.perf_counter() - start:.0f} s)")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
         args.out.write_text(
             json.dumps({"settings": settings, "summary": summary, "records": records}, indent=1)
         )
+    print(format_table(summary))
+    print(f"({len(items)} questions, {time.perf_counter() - start:.0f} s)")
     return 0
 
 

@@ -1,5 +1,7 @@
 """The teacher-forced fidelity screen (eval.fidelity) on a tiny random-weight model."""
 
+import json
+
 import pytest
 
 from blendrag import BlendConfig
@@ -67,3 +69,16 @@ def test_identical_is_exact_and_references_are_cached(tiny_engine, tmp_path, mon
     summary = fidelity.summarize_all(again, variants)
     assert [row["name"] for row in summary] == ["preview@1.0", "reuse"]
     assert summary[0]["identical"] == 1.0
+
+
+def test_main_prints_the_table_and_writes_json(tiny_dirs, tmp_path, capsys):
+    dataset, out = tmp_path / "data.json", tmp_path / "fid.json"
+    dataset.write_text(json.dumps(ITEMS))
+    argv = ["--dataset", str(dataset), "--variants", "reuse;preview@0.5", "--model", str(tiny_dirs["llama"])]
+    argv += ["--kv-store", "memory", "--max-new-tokens", "4", "--ref-cache", str(tmp_path / "refs")]
+    assert fidelity.main([*argv, "--out", str(out)]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split()[:4] == ["variant", "ident", "line1", "agreed"]
+    assert [line.split()[0] for line in table[1:3]] == ["reuse", "preview@0.5"]
+    summary = json.loads(out.read_text())["summary"]
+    assert all(0 <= row["first_miss"] <= 4 and row["n"] == 2 for row in summary)
