@@ -120,7 +120,9 @@ def test_harness_end_to_end(tmp_path, dataset, capsys):
     assert rows["full"]["f1"] == 1.0 and rows["full"]["agree_full"] == 1.0 and rows["full"]["speedup"] == 1.0
     assert rows["full"]["kl_full"] == 0.0 and rows["full"]["recomputed_frac"] == 1.0
     assert rows["reuse"]["f1"] == 0.0 and rows["reuse"]["agree_full"] == 0.0
-    assert rows["reuse"]["speedup"] == pytest.approx(4.0)
+    assert rows["reuse"]["speedup"] == pytest.approx(4.0) and rows["reuse"]["speedup_p50"] == pytest.approx(
+        4.0
+    )
     assert rows["reuse"]["kl_full"] == pytest.approx(KL_FLAT)
     low = rows["blend/deviation@0.1"]
     assert low["agree_full"] == 0.0 and low["f1_full"] == pytest.approx(2 / 3)
