@@ -211,6 +211,7 @@ class BlendEngine:
             "compute_fraction": sum(out.n_active_per_layer) / (n * len(out.n_active_per_layer)),
             "cache_hits": hits,
             "cache_misses": misses,
+            "load_stall_s": buf.load_stall_s,
             "ttft_s": time.perf_counter() - start,
         }
         return Prefill(logits, stats, prompt, buf)

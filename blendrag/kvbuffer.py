@@ -59,6 +59,11 @@ class KVBuffer:
         if self._prefetch is not None:
             self._prefetch.wait(layer)
 
+    @property
+    def load_stall_s(self) -> float:
+        """Time the layer loop waited for a background ``load`` (0 for a foreground load)."""
+        return self._prefetch.stalled_s if self._prefetch is not None else 0.0
+
     def write(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         kernels.kv_scatter(self.k[layer], self.v[layer], positions, k, v)
 

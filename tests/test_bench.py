@@ -61,7 +61,8 @@ def test_prefetch_reports_load_and_both_ttfts(dataset, tiny_dirs, tmp_path, caps
     assert len(report["runs"]) == 2
     for run in report["runs"]:
         assert run["load_s"] > 0 and run["ttft_foreground_s"] > 0 and run["ttft_background_s"] > 0
-    assert "of the load hidden" in capsys.readouterr().out
+        assert 0 <= run["stall_s"] < run["ttft_background_s"]
+    assert "% hidden); TTFT" in capsys.readouterr().out
     assert len(list((tmp_path / "kv").rglob("*.kv"))) == 7  # 6 chunks and the shared prompt prefix
 
 

@@ -1,5 +1,6 @@
 """Blending invariants on tiny random-weight models (fast) and the real SmolLM2 (slow)."""
 
+import time
 from dataclasses import replace
 
 import pytest
@@ -235,6 +236,18 @@ def test_background_layer_loading_equals_loading_first(tiny_dirs, tmp_path, mode
         a = foreground.prefill(CHUNKS, QUESTION, mode=mode)
         b = background.prefill(CHUNKS, QUESTION, mode=mode)
         assert torch.equal(a.logits, b.logits) and torch.equal(a.kv.k, b.kv.k) and torch.equal(a.kv.v, b.kv.v)
+        assert a.stats["load_stall_s"] == 0 and b.stats["load_stall_s"] >= 0
+
+
+def test_prefetcher_counts_only_the_time_a_caller_waited():
+    from blendrag.prefetch import LayerPrefetcher
+
+    prefetcher = LayerPrefetcher(lambda i: time.sleep(0.05), 4)
+    prefetcher.wait(3)  # all four layers load while this waits
+    stalled = prefetcher.stalled_s
+    assert 0.15 < stalled < 1.0
+    prefetcher.wait(0)  # already loaded: no wait
+    assert prefetcher.stalled_s == stalled
 
 
 def test_layer_load_failure_reaches_the_waiting_request_only_for_layers_not_loaded():
