@@ -50,22 +50,26 @@ class Metrics:
         hit_rate.set_function(lambda: _ratio(self._totals["hit"], self._totals["hit"] + self._totals["miss"]))
         fraction = Gauge(
             "blendrag_recomputed_token_fraction",
-            "Recomputed / prefilled prompt tokens since start",
+            "Recomputed / prefilled prompt tokens since start (the vllm backend does not report recomputed)",
             registry=self.registry,
         )
         fraction.set_function(lambda: _ratio(self._totals["recomputed"], self._totals["prompt"]))
         self.registry.register(_StoreStats(store))
 
     def observe_generation(self, stats: dict) -> None:
-        self.ttft.labels(stats["mode"]).observe(stats["ttft_s"])
+        """A stat the backend could not give (None) is left out, never counted as 0."""
+        if stats["ttft_s"] is not None:
+            self.ttft.labels(stats["mode"]).observe(stats["ttft_s"])
         self.chunk_kv.labels("hit").inc(stats["cache_hits"])
         self.chunk_kv.labels("miss").inc(stats["cache_misses"])
-        self.prompt_tokens.inc(stats["n_tokens"])
-        self.recomputed_tokens.inc(stats["n_recomputed"])
         for key, stat in (("hit", "cache_hits"), ("miss", "cache_misses")):
             self._totals[key] += stats[stat]
-        self._totals["prompt"] += stats["n_tokens"]
-        self._totals["recomputed"] += stats["n_recomputed"]
+        self.prompt_tokens.inc(stats["n_tokens"])
+        if stats["n_recomputed"] is not None:
+            self.recomputed_tokens.inc(stats["n_recomputed"])
+            # The fraction's denominator only counts prompts whose recomputed tokens are known.
+            self._totals["prompt"] += stats["n_tokens"]
+            self._totals["recomputed"] += stats["n_recomputed"]
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -1,8 +1,9 @@
 """One RAG request end to end: retrieve (or take the caller's documents), then blend and decode.
 
 Shared by the REST routes, the OpenAI-compatible routes and the in-process LangChain classes, so
-every front end validates, serializes compute and reports stats the same way. Every engine and
-index call goes through the engine's ``ComputeWorker``.
+every front end validates, serializes compute and reports stats the same way. Every index call
+goes through the engine's ``ComputeWorker``; prefill and decoding go through the service's
+``Backend`` (see ``backend.py``: the engine on that same worker by default, or vLLM).
 """
 
 from __future__ import annotations
@@ -13,12 +14,13 @@ import threading
 import time
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from blendrag.config import Mode
-from blendrag.engine import Generation, GenerationStream
 from blendrag.errors import BlendRAGError
 
+from .backend import Backend, Decoding, EngineBackend, Finished, UnsupportedMode
 from .live_index import LiveIndex
 from .worker import ComputeWorker, worker_for
 
@@ -55,7 +57,7 @@ class Ask:
 
 @dataclass
 class Answer:
-    generation: Generation
+    generation: Finished
     chunks: list[SourceChunk]
     retrieval_s: float
 
@@ -109,14 +111,17 @@ class RAGService:
         observe: Callable[[dict], None] | None = None,
         worker: ComputeWorker | None = None,
         limit: InFlightLimit | None = None,
+        backend: Backend | None = None,
     ) -> None:
         """``worker``: default the engine's own; tenants' views of one engine share its worker
-        (and should share one ``limit``; None: no cap)."""
+        (and should share one ``limit``; None: no cap). ``backend``: who prefills and decodes
+        (default: ``engine`` itself, on ``worker``); retrieval always runs on ``worker``."""
         self.engine = engine
         self.index = index
         self.worker = worker or worker_for(engine)
         self.observe = observe or (lambda stats: None)
         self.limit = limit
+        self.backend: Backend = backend or EngineBackend(engine, self.worker)
 
     async def answer(self, ask: Ask) -> Answer:
         stream = await self.stream(ask)
@@ -126,9 +131,12 @@ class RAGService:
 
     async def stream(self, ask: Ask) -> AnswerStream:
         """Retrieve and prefill before returning, so their errors come back as an HTTP error."""
-        chunks, retrieval_s = await self.worker.run(_guarded, self._retrieve, ask)
+        self._check(ask)
+        with _as_engine_failure():
+            chunks, retrieval_s = await self.worker.run(self._retrieve, ask)
+            decoding = self.backend.open([c.text for c in chunks], ask)
         slot = await self.limit.acquire() if self.limit else None
-        stream = AnswerStream(self, ask, chunks, retrieval_s, slot)
+        stream = AnswerStream(self, decoding, chunks, retrieval_s, slot)
         await stream.start()
         return stream
 
@@ -139,11 +147,22 @@ class RAGService:
         return stream.answer
 
     def stream_sync(self, ask: Ask) -> AnswerStream:
-        chunks, retrieval_s = self.worker.call(_guarded, self._retrieve, ask)
+        self._check(ask)
+        with _as_engine_failure():
+            chunks, retrieval_s = self.worker.call(self._retrieve, ask)
+            decoding = self.backend.open([c.text for c in chunks], ask)
         slot = self.limit.acquire_sync() if self.limit else None
-        stream = AnswerStream(self, ask, chunks, retrieval_s, slot)
+        stream = AnswerStream(self, decoding, chunks, retrieval_s, slot)
         stream.start_sync()
         return stream
+
+    def _check(self, ask: Ask) -> None:
+        """Refuse a mode the backend cannot run, before any retrieval or compute."""
+        if ask.mode not in self.backend.modes:
+            raise UnsupportedMode(
+                f"mode {ask.mode!r} is not available with the {self.backend.name} backend, which runs "
+                f"{', '.join(self.backend.modes)}; use one of those, or a server with --backend engine"
+            )
 
     def _retrieve(self, ask: Ask) -> tuple[list[SourceChunk], float]:
         if ask.documents is not None:
@@ -161,37 +180,31 @@ class AnswerStream:
     def __init__(
         self,
         service: RAGService,
-        ask: Ask,
+        decoding: Decoding,
         chunks: list[SourceChunk],
         retrieval_s: float,
         slot: Slot | None = None,
     ) -> None:
         self.service, self.chunks, self.retrieval_s = service, chunks, retrieval_s
+        self._decoding = decoding
         self._slot = slot
         if slot is not None:  # also freed if the stream is dropped unread (a client gone early)
             weakref.finalize(self, slot.release)
-        self._generation: GenerationStream = service.engine.stream(
-            [c.text for c in chunks],
-            ask.question,
-            mode=ask.mode,
-            recompute_ratio=ask.recompute_ratio,
-            max_new_tokens=ask.max_tokens,
-            temperature=ask.temperature,
-            top_p=ask.top_p,
-            seed=ask.seed,
-            stop=ask.stop,
-        )
-        self._pieces: Iterator[str] = iter(self._generation)
         self._first: list[str] = []
         self.answer: Answer | None = None
 
-    def _next(self) -> str | None:
-        return _guarded(next, self._pieces, None)
+    async def _next(self) -> str | None:
+        with _as_engine_failure():
+            return await self._decoding.next()
+
+    def _next_sync(self) -> str | None:
+        with _as_engine_failure():
+            return self._decoding.next_sync()
 
     async def start(self) -> None:
         """Run the prefill (the first step); a failure raises here, before any byte is sent."""
         try:
-            self._first = [p for p in [await self.service.worker.run(self._next)] if p is not None]
+            self._first = [p for p in [await self._next()] if p is not None]
         except BaseException:
             self._release()
             raise
@@ -199,7 +212,7 @@ class AnswerStream:
 
     def start_sync(self) -> None:
         try:
-            self._first = [p for p in [self.service.worker.call(self._next)] if p is not None]
+            self._first = [p for p in [self._next_sync()] if p is not None]
         except BaseException:
             self._release()
             raise
@@ -209,7 +222,7 @@ class AnswerStream:
         try:
             for piece in self._first:
                 yield piece
-            while self.answer is None and (piece := await self.service.worker.run(self._next)) is not None:
+            while self.answer is None and (piece := await self._next()) is not None:
                 yield piece
             self._finish_if_done()
         finally:  # also when the consumer stops early: a client that disconnected mid-stream
@@ -218,19 +231,17 @@ class AnswerStream:
     def __iter__(self) -> Iterator[str]:
         try:
             yield from self._first
-            while self.answer is None and (piece := self.service.worker.call(self._next)) is not None:
+            while self.answer is None and (piece := self._next_sync()) is not None:
                 yield piece
             self._finish_if_done()
         finally:
             self.close()
 
     def close(self) -> None:
-        """Free the engine's state for an answer that will not be read to the end.
-
-        Queued on the worker (a decode step of this answer may be running there) without waiting,
-        so it is safe from an event loop being torn down."""
+        """Free the backend's state for an answer that will not be read to the end (without
+        waiting, so it is safe from an event loop being torn down)."""
         if self.answer is None:
-            self.service.worker.submit(self._generation.close)
+            self._decoding.close()
             self._release()
 
     def _release(self) -> None:
@@ -238,17 +249,18 @@ class AnswerStream:
             self._slot.release()
 
     def _finish_if_done(self) -> None:
-        result = self._generation.result
+        result = self._decoding.result
         if result is not None and self.answer is None:
             self.answer = Answer(result, self.chunks, self.retrieval_s)
             self._release()
             self.service.observe(result.stats)
 
 
-def _guarded(fn, *args):
-    """Call ``fn``; a user error passes through, anything else becomes an ``EngineFailure``."""
+@contextmanager
+def _as_engine_failure() -> Iterator[None]:
+    """A user error passes through; anything else becomes an ``EngineFailure``."""
     try:
-        return fn(*args)
+        yield
     except BlendRAGError:
         raise
     except Exception as err:

@@ -52,15 +52,34 @@ class ChunkOut(BaseModel):
 
 
 class QueryStats(BaseModel):
+    """Null marks what the server's backend cannot tell (see ``Health.backend``)."""
+
     mode: Mode
-    ttft_s: float = Field(description="Prefill time to the first token, excluding queueing and retrieval")
+    ttft_s: float | None = Field(
+        description="Prefill time to the first token, excluding queueing and retrieval "
+        "(vllm: from vLLM scheduling the request to its first token, the connector's blend included)"
+    )
     n_tokens: int = Field(description="Prompt tokens")
-    n_recomputed: int = Field(description="Prompt tokens computed in the last layer")
-    cache_hits: int = Field(description="Chunks whose KV came from the store")
-    cache_misses: int = Field(description="Chunks whose KV was computed for this request")
+    n_recomputed: int | None = Field(
+        description="Prompt tokens computed in the last layer (vllm: null, the connector computes "
+        "them inside vLLM's worker and does not report them back)"
+    )
+    cache_hits: int = Field(
+        description="Chunks whose KV came from the store (vllm: every chunk when the connector "
+        "blended the prompt, else 0)"
+    )
+    cache_misses: int = Field(
+        description="Chunks whose KV was computed for this request (vllm: 0 when the connector "
+        "blended the prompt, else every chunk: vLLM prefilled the whole prompt)"
+    )
     n_generated: int
-    decode_s: float
+    decode_s: float | None
     retrieval_s: float
+    vllm_cached_tokens: int | None = Field(
+        None,
+        description="vllm only: prompt tokens vLLM did not compute itself, n_tokens - 1 when the "
+        "connector blended the prompt (null with the engine backend)",
+    )
 
 
 class QueryResponse(BaseModel):
@@ -105,6 +124,9 @@ class DeleteResponse(BaseModel):
 
 class Health(BaseModel):
     status: Literal["ok"]
+    backend: Literal["engine", "vllm"] = Field(
+        description="Who prefills and decodes (blendrag serve --backend); vllm gives fewer stats"
+    )
     model: str
     fingerprint: str
     index_documents: int

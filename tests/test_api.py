@@ -147,6 +147,7 @@ def test_health(client, tiny_engine):
     body = client.get("/health").json()
     assert body == {
         "status": "ok",
+        "backend": "engine",
         "model": "llama",
         "fingerprint": tiny_engine.fingerprint,
         "index_documents": 12,
