@@ -1,9 +1,18 @@
-"""The ``blendrag serve`` subcommand: load the engine, open the index, run uvicorn."""
+"""The ``blendrag serve`` subcommand: load the engine, open the index, run uvicorn.
+
+``--backend`` picks who prefills and decodes (``backend.py``): blendrag's engine in this process
+(the default), or an in-process vLLM running blendrag's KV connector (``vllm_backend.py``).
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 from pathlib import Path
+
+from blendrag.errors import BlendRAGError
+
+BACKENDS = ("engine", "vllm")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -25,6 +34,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="answers decoded at once; more requests wait for a slot (default: 16)",
     )
+    serve.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="engine",
+        help="who prefills and decodes: blendrag's engine, or vLLM with blendrag's KV connector "
+        "(needs vllm; modes blend and full only; default: engine)",
+    )
+    serve.add_argument(
+        "--vllm-kv-cache-gb",
+        type=_positive_float,
+        default=None,
+        help="--backend vllm: vLLM's paged KV cache in GiB (default: vLLM's; on its CPU build "
+        "$VLLM_CPU_KVCACHE_SPACE, which also overrides this flag)",
+    )
     serve.set_defaults(func=run_serve)
 
 
@@ -33,6 +56,26 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def check_backend(args: argparse.Namespace, kv_store: str) -> None:
+    """Refuse a backend that cannot start before the model loads (seconds) and vLLM starts (a minute)."""
+    if args.backend != "vllm":
+        if args.vllm_kv_cache_gb is not None:
+            raise BlendRAGError("--vllm-kv-cache-gb applies to --backend vllm only")
+        return
+    if importlib.util.find_spec("vllm") is None:
+        raise BlendRAGError("--backend vllm needs vLLM installed (scripts/setup.sh --vllm)")
+    from .vllm_backend import VLLMBackend
+
+    VLLMBackend.check_store(kv_store)
 
 
 def run_serve(args: argparse.Namespace) -> None:
@@ -44,8 +87,18 @@ def run_serve(args: argparse.Namespace) -> None:
     from .tenants import load_tenants
 
     tenants = load_tenants(args.api_keys)  # a bad key file fails before the model loads
-    engine = load_engine(args.model, args.kv_store or str(args.index_dir / KV_DIR_NAME))
+    kv_store = args.kv_store or str(args.index_dir / KV_DIR_NAME)
+    check_backend(args, kv_store)
+    # The engine loads with either backend: it tokenizes prompts, and indexes documents' KV.
+    engine = load_engine(args.model, kv_store)
+    backend = None  # create_app's default: the engine itself
+    if args.backend == "vllm":
+        from .vllm_backend import VLLMBackend
+
+        backend = VLLMBackend(engine, kv_store, kv_cache_gb=args.vllm_kv_cache_gb)
     limit = {} if args.max_in_flight is None else {"max_in_flight": args.max_in_flight}
-    app = create_app(engine, args.index_dir, model_name=args.model_name, tenants=tenants, **limit)
+    app = create_app(
+        engine, args.index_dir, model_name=args.model_name, tenants=tenants, backend=backend, **limit
+    )
     # One process, one event loop: the engine must not be loaded once per worker process.
     uvicorn.run(app, host=args.host, port=args.port, workers=1)
