@@ -3,12 +3,14 @@
 The connector can only reuse chunk KV when the prompt's token ids are exactly the ids blendrag's
 ``PromptFormat`` builds (each segment tokenized alone), so the client sends token ids, never text
 that vLLM would tokenize as a whole. The chunk structure travels in ``kv_transfer_params``, and a
-``cache_salt`` keeps the (approximate) blended KV out of vLLM's prefix cache for requests that
-were not blended the same way.
+``cache_salt`` unique to the blend keeps the (approximate) blended KV out of vLLM's prefix cache
+for any other request.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,5 +59,12 @@ def blend_request(
         params["recompute_ratio"] = recompute_ratio
     if fingerprint is not None:
         params["fingerprint"] = fingerprint
-    salt = "blendrag" if recompute_ratio is None else f"blendrag-r{recompute_ratio}"
-    return BlendRequest(prompt_format.build(chunks, question).ids, params, salt)
+    return BlendRequest(prompt_format.build(chunks, question).ids, params, blend_salt(params))
+
+
+def blend_salt(kv_transfer_params: dict[str, Any]) -> str:
+    """A ``cache_salt`` unique to the blend: the blended KV of every chunk depends on the other
+    chunks, the question (query-aware selection) and the ratio, so vLLM's prefix cache may hand
+    it only to a request with exactly these parameters, for which it is exactly right."""
+    digest = hashlib.sha256(json.dumps(kv_transfer_params, sort_keys=True).encode()).hexdigest()
+    return f"blendrag-{digest[:32]}"
