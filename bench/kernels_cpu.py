@@ -1,6 +1,5 @@
-"""CPU timings behind ``kernels.selective_mask``'s choice, for one layer's selective attention:
-SDPA with one boolean mask, SDPA over query bands cut at their last position (the CPU path), and
-compiled FlexAttention with a block mask.
+"""CPU timings behind ``kernels.selective_mask``'s choice: SDPA with a boolean mask vs compiled
+FlexAttention with a block mask, for one layer's selective attention.
 
     python bench/kernels_cpu.py [--n 560] [--length 3700] [--heads 9] [--kv-heads 3] [--head-dim 64]
 """
@@ -44,8 +43,7 @@ def main() -> None:
     q = torch.randn(args.heads, args.n, args.head_dim)
     keys, values = (torch.randn(args.kv_heads, t, args.head_dim) for _ in range(2))
 
-    bool_mask = [reference.Band(slice(0, args.n), t, reference.causal_by_position(positions, t))]
-    bands = reference.causal_bands(positions, t)
+    bool_mask = reference.causal_by_position(positions, t)
     block_mask = flex.block_mask(positions, t)
     start = time.perf_counter()
     flex.selective_attention(q, keys, values, block_mask)
@@ -54,14 +52,11 @@ def main() -> None:
     shape = f"n={args.n} T={t} H={args.heads} Hkv={args.kv_heads} D={args.head_dim}"
     print(f"{shape} fp32, {torch.get_num_threads()} threads, median of {r}")
     print(f"  bool mask build     {median_ms(lambda: reference.causal_by_position(positions, t), r):8.2f} ms")
-    print(f"  band masks build    {median_ms(lambda: reference.causal_bands(positions, t), r):8.2f} ms")
     print(f"  block mask build    {median_ms(lambda: flex.block_mask(positions, t), r):8.2f} ms")
     print(f"  flex first call     {1e3 * compile_s:8.0f} ms (compile)")
     sdpa = median_ms(lambda: reference.selective_attention(q, keys, values, bool_mask), r)
-    banded = median_ms(lambda: reference.selective_attention(q, keys, values, bands), r)
     flex_ms = median_ms(lambda: flex.selective_attention(q, keys, values, block_mask), r)
     print(f"  SDPA + bool mask    {sdpa:8.2f} ms")
-    print(f"  SDPA, {len(bands)} bands       {banded:8.2f} ms")
     print(f"  Flex + block mask   {flex_ms:8.2f} ms")
 
 

@@ -215,37 +215,12 @@ def test_cpu_paths_never_import_triton() -> None:
     assert "blendrag.kernels._triton" not in sys.modules
 
 
-def naive_selective_attention(q, keys, values, positions):
-    """One query at a time, softmax over keys 0..p written out: the oracle for the masks."""
-    group = q.shape[0] // keys.shape[0]
-    k, v = keys.repeat_interleave(group, 0), values.repeat_interleave(group, 0)
-    rows = []
-    for i, p in enumerate(positions.tolist()):
-        weights = torch.softmax(q[:, i : i + 1] @ k[:, : p + 1].transpose(1, 2) / q.shape[-1] ** 0.5, -1)
-        rows.append(weights @ v[:, : p + 1])
-    return torch.cat(rows, 1)
-
-
-@pytest.mark.parametrize(("n", "band_size"), [(1, 64), (5, 2), (37, 8), (37, 64), (200, 16), (101, 1)])
-def test_cpu_selective_attention_in_bands_matches_naive(n, band_size) -> None:
-    """Awkward band counts: one query, bands that do not divide n, more bands than MAX_BANDS,
-    a band ending at the last key."""
-    positions, q, keys, values = _attention_inputs(n, 301, seed=n)
-    bands = reference.causal_bands(positions, 301, band_size)
-    assert len(bands) == max(1, min(reference.MAX_BANDS, n // band_size))
-    assert [b.queries.start for b in bands[1:]] == [b.queries.stop for b in bands[:-1]]
-    expected = naive_selective_attention(q, keys, values, positions)
-    out = kernels.selective_attention(q, keys, values, bands)
-    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
-
-
-def test_model_attention_under_selective_mask_matches_naive() -> None:
-    """The model's path: ``causal_mask`` picks the CPU bands, ``attend`` dispatches on them."""
-    positions, q, keys, values = _attention_inputs(150, 400, seed=4)
-    mask = causal_mask(positions, 400)
-    assert isinstance(mask, list) and len(mask) == 2
-    expected = naive_selective_attention(q, keys, values, positions)
-    torch.testing.assert_close(attend(q, keys, values, mask), expected, atol=1e-5, rtol=1e-5)
+def test_cpu_selective_attention_matches_attend() -> None:
+    positions, q, keys, values = _attention_inputs(37, 101, seed=0)
+    mask = kernels.selective_mask(positions, 101)
+    assert isinstance(mask, torch.Tensor)
+    expected = attend(q, keys, values, causal_mask(positions, 101))
+    torch.testing.assert_close(kernels.selective_attention(q, keys, values, mask), expected)
 
 
 def test_flex_attention_matches_reference() -> None:
@@ -254,7 +229,9 @@ def test_flex_attention_matches_reference() -> None:
 
     for seed in (0, 3):
         positions, q, keys, values = _attention_inputs(37, 101, seed)
-        expected = reference.selective_attention(q, keys, values, reference.causal_bands(positions, 101))
+        expected = reference.selective_attention(
+            q, keys, values, reference.causal_by_position(positions, 101)
+        )
         out = flex.selective_attention(q, keys, values, flex.block_mask(positions, 101))
         torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 

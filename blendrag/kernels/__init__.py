@@ -19,7 +19,7 @@ from . import reference
 if TYPE_CHECKING:
     from torch.nn.attention.flex_attention import BlockMask
 
-    Mask = list[reference.Band] | BlockMask  # what selective_mask returns and selective_attention takes
+    Mask = torch.Tensor | BlockMask  # what selective_mask returns and selective_attention takes
 
 _force_triton = False
 
@@ -87,28 +87,26 @@ def kv_scatter(
     impl(k_layer, v_layer, positions, k, v)
 
 
-def selective_mask(positions: torch.Tensor, length: int) -> list[reference.Band] | BlockMask:
+def selective_mask(positions: torch.Tensor, length: int) -> torch.Tensor | BlockMask:
     """The causal-by-position mask for ``selective_attention``, built once per active set and
-    shared by all layers: a FlexAttention ``BlockMask`` on CUDA, boolean masks of query bands on
-    CPU (``reference.causal_bands``).
+    shared by all layers: a FlexAttention ``BlockMask`` on CUDA, a boolean ``[n, length]`` on CPU.
 
-    CPU stays on SDPA: in bands it is faster per call than compiled Flex there (bench/kernels_cpu.py,
-    560 queries over 3.7K keys: 37 ms against Flex's 40 ms and one boolean mask's 51 ms), and Flex
-    compiles for seconds per new (n, length), which every request brings (torch 2.13's CPU
-    inductor fails to build its dynamic-shape recompile)."""
+    CPU stays on SDPA although compiled Flex is ~1.8x faster per call there (bench/kernels_cpu.py):
+    Flex compiles for seconds per new (n, length), which every request brings, and torch 2.13's
+    CPU inductor fails to build its dynamic-shape recompile."""
     if _use_triton(positions):
         from .flex import block_mask
 
         return block_mask(positions, length)
-    return reference.causal_bands(positions, length)
+    return reference.causal_by_position(positions, length)
 
 
 def selective_attention(
-    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: list[reference.Band] | BlockMask
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | BlockMask
 ) -> torch.Tensor:
     """Attention of ``q [H, n, D]`` (queries at sorted true positions) over ``keys/values
     [Hkv, T, D]`` with GQA, under a mask from ``selective_mask``; the mask's type picks the path."""
-    if isinstance(mask, list):
+    if isinstance(mask, torch.Tensor):
         return reference.selective_attention(q, keys, values, mask)
     from .flex import selective_attention as impl
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -52,50 +51,8 @@ def causal_by_position(positions: torch.Tensor, length: int) -> torch.Tensor:
     return torch.arange(length, device=positions.device)[None, :] <= positions[:, None]
 
 
-MAX_BANDS = 8
-
-
-@dataclass(frozen=True)
-class Band:
-    """Consecutive queries ``queries`` that see at most the first ``n_keys`` keys, with their
-    ``[len, n_keys]`` slice of the causal-by-position mask."""
-
-    queries: slice
-    n_keys: int
-    mask: torch.Tensor
-
-
-def causal_bands(positions: torch.Tensor, length: int, band_size: int = 64) -> list[Band]:
-    """The causal-by-position mask of sorted ``positions``, cut into bands of ``band_size``
-    queries (at most ``MAX_BANDS``), each cut off after its last query's position.
-
-    SDPA with an explicit mask computes every query against every key, masked or not. A band
-    cannot see past its last position, so each band's SDPA stops there: with B bands about
-    (B + 1) / 2B of the work. Beyond ~8 bands the per-call overhead eats the gain
-    (bench/kernels_cpu.py)."""
-    n = positions.numel()
-    n_bands = max(1, min(MAX_BANDS, n // band_size))
-    bands, first = [], 0
-    for size in _split_sizes(n, n_bands):
-        queries = slice(first, first + size)
-        n_keys = min(length, int(positions[queries.stop - 1]) + 1)
-        bands.append(Band(queries, n_keys, causal_by_position(positions[queries], n_keys)))
-        first += size
-    return bands
-
-
-def _split_sizes(n: int, parts: int) -> list[int]:
-    return [n // parts + (1 if i < n % parts else 0) for i in range(parts)]
-
-
 def selective_attention(
-    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bands: list[Band]
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor
 ) -> torch.Tensor:
-    """Attention of ``q [H, n, D]`` over ``keys/values [Hkv, T, D]`` (GQA), band by band."""
-    out = q.new_empty(q.shape)
-    for band in bands:
-        k, v = keys[None, :, : band.n_keys], values[None, :, : band.n_keys]
-        out[:, band.queries] = F.scaled_dot_product_attention(
-            q[None, :, band.queries], k, v, attn_mask=band.mask, enable_gqa=True
-        )[0]
-    return out
+    out = F.scaled_dot_product_attention(q[None], keys[None], values[None], attn_mask=mask, enable_gqa=True)
+    return out[0]
