@@ -45,6 +45,14 @@ def test_prefill_reports_every_method_against_transformers(dataset, tiny_dirs, t
     assert png.stat().st_size > 0
 
 
+def test_prefill_fails_when_reused_kv_was_missing_while_timed(capsys):
+    """An evicted chunk is recomputed inside the timed prefill: that row is not a reuse TTFT."""
+    hit, miss = {"ttft_s": 0.3, "cache_misses": 0}, {"ttft_s": 6.5, "cache_misses": 2}
+    assert prefill.check_no_misses({"full": [miss], "reuse": [hit, hit]}) == 0  # full reuses nothing
+    assert prefill.check_no_misses({"transformers": [{"ttft_s": 9.0}], "reuse": [hit, miss]}) == 1
+    assert "{'reuse': 2}" in capsys.readouterr().out
+
+
 def test_prefill_subset_and_bad_input(dataset, tmp_path, capsys):
     assert prefill.main(["--dataset", str(tmp_path / "absent.json")]) == 0
     assert "skipped: no dataset" in capsys.readouterr().out
