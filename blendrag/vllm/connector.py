@@ -117,6 +117,11 @@ class BlendConnector(KVConnectorBase_V1):
                 config=self.cfg.blend,
                 dtype=dtype,
                 chunk_context=self.cfg.chunk_context,  # type: ignore[arg-type]
+                # Load reused KV before the layer loop, not on a thread beside it: in vLLM's CPU
+                # worker, whose OpenMP threads are bound to the cores, the loader thread's torch
+                # ops slowed the blend by ~25 % (3 questions, r=0.15), and on two cores it saved no
+                # time in blendrag's own engine either (README, "Layer-wise loading").
+                prefetch=False,
             )
 
     # ---- scheduler side ---------------------------------------------------------------------
