@@ -142,7 +142,8 @@ def run_peers(peers: dict, engine: Any, items: list[dict], chunk_lists: list[lis
 
 
 def method_rows(records: list[dict], variants: list, peer_results: dict[str, list[dict]]) -> dict[str, list]:
-    """Per method, per question: {ttft_s, answer}; blendrag's from the harness's records."""
+    """Per method, per question: {ttft_s, answer}, and blendrag's cache_misses (from the harness's
+    records)."""
     keys = ("ttft_s", "answer", "cache_misses")
     rows = {v.name: [{key: r["results"][v.name][key] for key in keys} for r in records] for v in variants}
     return {**peer_results, **rows}

@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 import pytest
+from conftest import SAMPLE_CORPUS
 
 from blendrag import BlendEngine
 from blendrag.vllm import blend_request
@@ -20,7 +21,6 @@ vllm = pytest.importorskip("vllm")
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
-SAMPLE_CORPUS = Path(__file__).resolve().parents[1] / "samples" / "corpus"
 MAX_TOKENS = 16
 
 
