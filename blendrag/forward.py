@@ -19,7 +19,7 @@ from torch.profiler import record_function
 
 from . import kernels
 from .kvbuffer import KVBuffer
-from .model import Transformer
+from .model import Transformer, attend
 from .rope import Rotary, rotate
 
 if TYPE_CHECKING:
@@ -41,6 +41,11 @@ class LayerView:
 
 # Returns indices into the active rows to keep.
 Filter = Callable[[LayerView], torch.Tensor]
+
+# Replaces ``model.attend`` in every layer: (layer, q [H, n, D], keys, values [Hkv, T, D], the
+# queries' positions) -> attention output [H, n, D], causal by position. The preview uses it to
+# read the attention weights it computes anyway.
+Attention = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -72,6 +77,7 @@ def run_layers(
     positions: torch.Tensor,
     filters: dict[int, Filter] | None = None,
     capture: bool = False,
+    attention: Attention | None = None,
 ) -> LayerLoopResult:
     """Run all layers for ``token_ids`` at sorted ``positions`` (all < ``kv.length``)."""
     filters = filters or {}
@@ -100,6 +106,10 @@ def run_layers(
             else:
                 kv.write(i, positions, k, v)
             result.n_active_per_layer.append(positions.numel())
-            h = block.finish(h, q, kv.keys(i), kv.values(i), mask)
+            if attention is None:
+                a = attend(q, kv.keys(i), kv.values(i), mask)
+            else:
+                a = attention(i, q, kv.keys(i), kv.values(i), positions)
+            h = block.finish(h, a)
     result.hidden = h
     return result

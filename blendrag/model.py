@@ -138,17 +138,9 @@ class Block(nn.Module):
     def qkv(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.self_attn.qkv(self.input_layernorm(h))
 
-    def finish(
-        self,
-        h: torch.Tensor,
-        q: torch.Tensor,
-        keys: torch.Tensor,
-        values: torch.Tensor,
-        mask: Mask | None,
-    ) -> torch.Tensor:
-        """Attention of the rows of ``h`` (queries ``q``, already rotated) over the assembled
-        KV, residual, then the MLP: the layer's output for those rows only."""
-        a = attend(q, keys, values, mask)
+    def finish(self, h: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """The rest of the layer for the rows of ``h``, given their attention output ``a [H, n, D]``
+        (``attend`` over the assembled KV): output projection, residual, then the MLP."""
         h = h + self.self_attn.o_proj(a.transpose(0, 1).reshape(h.shape[0], -1))
         return h + self.mlp(self.post_attention_layernorm(h))
 

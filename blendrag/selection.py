@@ -13,17 +13,27 @@ from .model import Transformer
 from .rope import Rotary
 
 
+def attention_probs(q: torch.Tensor, keys: torch.Tensor, q_positions: torch.Tensor) -> torch.Tensor:
+    """Softmax attention weights of ``q [H, n, D]`` (at ``q_positions``) over ``keys [Hkv, T, D]``,
+    causal by position: ``[Hkv, group, n, T]``, query head h = kv_head * group + j."""
+    n_kv, length = keys.shape[0], keys.shape[1]
+    group, n = q.shape[0] // n_kv, q.shape[1]
+    # GQA without copying the keys per query head: one batched matmul per KV head.
+    q = q.float().reshape(n_kv, group * n, -1) / math.sqrt(q.shape[-1])
+    scores = (q @ keys.float().transpose(1, 2)).view(n_kv, group, n, length)
+    # Only keys after the earliest query can be in some query's future: mask just those.
+    first = int(q_positions.min()) + 1
+    future = torch.arange(first, length, device=q.device)[None, :] > q_positions[:, None]
+    scores[..., first:].masked_fill_(future, float("-inf"))
+    return scores.softmax(dim=-1)
+
+
 def question_attention(view: LayerView, question_rows: torch.Tensor) -> torch.Tensor:
     """Attention weight, averaged over heads and question tokens, that the question's queries
     give each buffer position at this layer: ``[kv.length]``."""
-    q = view.q[:, question_rows].float()
-    keys = view.kv.keys(view.layer).float()
-    keys = keys.repeat_interleave(q.shape[0] // keys.shape[0], dim=0)
-    scores = q @ keys.transpose(1, 2) / math.sqrt(q.shape[-1])
-    q_pos = view.positions[question_rows]
-    future = torch.arange(keys.shape[1], device=q.device)[None, :] > q_pos[:, None]
-    scores = scores.masked_fill(future, float("-inf"))
-    return scores.softmax(dim=-1).mean(dim=(0, 1))
+    keys = view.kv.keys(view.layer)
+    probs = attention_probs(view.q[:, question_rows], keys, view.positions[question_rows])
+    return probs.mean(dim=(0, 1, 2))
 
 
 def preview_attention(
@@ -42,17 +52,22 @@ def preview_attention(
     n_prompt = kv.length
     total = torch.zeros(n_prompt + config.preview_draft)
 
-    def observe(view: LayerView) -> torch.Tensor:
-        rows = torch.arange(view.positions.numel())
-        total[: view.kv.length] += question_attention(view, rows)
-        return rows
+    def attend_and_record(
+        layer: int, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, q_positions: torch.Tensor
+    ) -> torch.Tensor:
+        # The layer's attention, computed explicitly so that its weights are read, not recomputed.
+        probs = attention_probs(q, keys, q_positions)
+        n_kv, group, n, length = probs.shape
+        total[:length] += probs.mean(dim=(0, 1, 2))
+        out = probs.view(n_kv, group * n, length) @ values.float()
+        return out.view(n_kv * group, n, -1).to(q.dtype)
 
-    observers = dict.fromkeys(range(model.args.n_layers), observe)
-    out = run_layers(model, rotary, kv, token_ids, positions, observers)
+    out = run_layers(model, rotary, kv, token_ids, positions, attention=attend_and_record)
     for _ in range(config.preview_draft):
         token = model.logits(out.last_hidden).argmax()
         kv.length += 1
-        out = run_layers(model, rotary, kv, token[None], torch.tensor([kv.length - 1]), observers)
+        position = torch.tensor([kv.length - 1])
+        out = run_layers(model, rotary, kv, token[None], position, attention=attend_and_record)
     kv.length = n_prompt
     return total[:n_prompt]
 
