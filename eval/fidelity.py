@@ -202,6 +202,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     start = time.perf_counter()
     records = evaluate(backend, items, variants, args.top_k, args.max_new_tokens, args.ref_cache)
     summary = summarize_all(records, variants)
+    report(args, summary, records)
+    print(f"({len(items)} questions, {time.perf_counter() - start:.0f} s)")
+    return 0
+
+
+def report(args: argparse.Namespace, summary: list[dict[str, Any]], records: list[dict[str, Any]]) -> None:
+    """Write settings, summary and per-question records to ``args.out`` when given; print the table."""
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
@@ -209,8 +216,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             json.dumps({"settings": settings, "summary": summary, "records": records}, indent=1)
         )
     print(format_table(summary))
-    print(f"({len(items)} questions, {time.perf_counter() - start:.0f} s)")
-    return 0
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ a query never has: they bound what a selection of that size can reach.
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,7 @@ import blendrag.engine
 from blendrag.forward import LayerView, run_layers
 from blendrag.kvbuffer import KVBuffer
 from blendrag.selection import question_attention
-from eval.fidelity import format_table, load_reference, score_variant, summarize_all
+from eval.fidelity import load_reference, report, score_variant, summarize_all
 from eval.quality import Backend, Item, Variant, _float_list, dataset_chunks, load_backend, load_dataset
 
 Ranking = Callable[[dict[str, torch.Tensor]], torch.Tensor]
@@ -165,13 +164,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     records = evaluate(backend, items, rankings, args.ratios, args.top_k, args.max_new_tokens, args.ref_cache)
     variants = [Variant(name, "blend") for name in records[0]["results"]] if records else []
     summary = summarize_all(records, variants)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-        args.out.write_text(
-            json.dumps({"settings": settings, "summary": summary, "records": records}, indent=1)
-        )
-    print(format_table(summary))
+    report(args, summary, records)
     return 0
 
 

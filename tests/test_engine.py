@@ -339,27 +339,14 @@ def test_smollm2_blend_at_ratio_one_equals_full_on_musique(smol_engine, musique)
 
 
 @pytest.mark.parametrize("rows", ["question at the end", "scattered rows"])
-def test_question_attention_matches_a_per_head_softmax(rows):
+def test_question_attention_matches_a_per_head_softmax(tiny_engine, rows):
     """The GQA-grouped, tail-masked scores equal a naive loop: per query head, softmax over the
     keys at positions <= the row's position, averaged over heads and rows."""
     from blendrag.forward import LayerView
-    from blendrag.model import ModelArgs
     from blendrag.selection import question_attention
 
     torch.manual_seed(0)
-    args = ModelArgs(
-        vocab_size=8,
-        dim=24,
-        n_layers=2,
-        n_heads=6,
-        n_kv_heads=2,
-        head_dim=8,
-        intermediate_size=8,
-        norm_eps=1e-6,
-        qkv_bias=False,
-        qk_norm=False,
-        tie_embeddings=True,
-    )
+    args = tiny_engine.model.args  # GQA: two query heads per KV head
     kv = KVBuffer(args, capacity=40, dtype=torch.float32)
     kv.length = 37
     kv.k.normal_()
@@ -381,21 +368,15 @@ def test_question_attention_matches_a_per_head_softmax(rows):
 def test_preview_scores_are_the_question_attention_of_a_plain_pass(tiny_engine):
     """The preview reads the weights of the attention it computes itself; a plain layer pass
     over the same reused KV, observed at every layer, must give the same scores."""
-    from blendrag.selection import preview_attention, question_attention
+    from blendrag.selection import preview_attention
+    from eval.rankings import layer_attention  # question_attention observed at every layer
 
     prompt = tiny_engine.prompt_format.build(CHUNKS, QUESTION)
     reuse = tiny_engine.prefill(CHUNKS, QUESTION, mode="reuse")
     suffix = torch.arange(prompt.suffix_start, len(prompt.ids))
     ids = torch.tensor(prompt.suffix)
-    expected = torch.zeros(len(prompt.ids))
-
-    def observe(view):
-        rows = torch.arange(view.positions.numel())
-        expected.add_(question_attention(view, rows))
-        return rows
-
     model, rotary = tiny_engine.model, tiny_engine.rotary
     with torch.inference_mode():
         scores = preview_attention(BlendConfig(), model, rotary, reuse.kv, ids, suffix)
-        run_layers(model, rotary, reuse.kv, ids, suffix, dict.fromkeys(range(model.args.n_layers), observe))
+        expected = layer_attention(tiny_engine, reuse.kv, ids, suffix).sum(0)
     torch.testing.assert_close(scores, expected, atol=1e-5, rtol=1e-4)
