@@ -42,10 +42,10 @@ class LayerView:
 # Returns indices into the active rows to keep.
 Filter = Callable[[LayerView], torch.Tensor]
 
-# Replaces ``model.attend`` in every layer: (layer, q [H, n, D], keys, values [Hkv, T, D], the
-# queries' positions) -> attention output [H, n, D], causal by position. The preview uses it to
+# Replaces ``model.attend`` in every layer: (q [H, n, D], keys, values [Hkv, T, D], the queries'
+# positions) -> attention output [H, n, D], causal by position. The preview uses it to
 # read the attention weights it computes anyway.
-Attention = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -109,7 +109,7 @@ def run_layers(
             if attention is None:
                 a = attend(q, kv.keys(i), kv.values(i), mask)
             else:
-                a = attention(i, q, kv.keys(i), kv.values(i), positions)
+                a = attention(q, kv.keys(i), kv.values(i), positions)
             h = block.finish(h, a)
     result.hidden = h
     return result

@@ -53,7 +53,7 @@ def preview_attention(
     total = torch.zeros(n_prompt + config.preview_draft)
 
     def attend_and_record(
-        layer: int, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, q_positions: torch.Tensor
+        q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, q_positions: torch.Tensor
     ) -> torch.Tensor:
         # The layer's attention, computed explicitly so that its weights are read, not recomputed.
         probs = attention_probs(q, keys, q_positions)
