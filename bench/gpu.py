@@ -40,7 +40,7 @@ from blendrag.forward import run_layers
 from blendrag.kvbuffer import KVBuffer
 from blendrag.model import ModelArgs, Transformer
 from blendrag.rope import Rotary
-from blendrag.selection import make_filters
+from blendrag.selection import plan_selection
 from blendrag.store.base import ChunkKV
 
 SHAPES: dict[str, dict[str, Any]] = {
@@ -216,7 +216,9 @@ def prefill(setup: Setup, mode: str, ratio: float | None, kv_location: str) -> t
             # CacheBlend's deviation selection; the default preview selector adds a reuse-sized pass.
             cfg = BlendConfig(recompute_ratio=ratio, selector="deviation", check_layer=1)
             no_forced = torch.empty(0, dtype=torch.long, device=device)
-            filters = make_filters(cfg, setup.n_chunk_tokens, setup.n_chunk_tokens, no_forced)
+            positions, filters = plan_selection(
+                cfg, positions, setup.n_chunk_tokens, setup.n_chunk_tokens, no_forced
+            )
     out = run_layers(setup.model, setup.rotary, buf, setup.ids[positions], positions, filters)
     return setup.model.logits(out.last_hidden)
 

@@ -1,5 +1,6 @@
 """Where a blended prefill spends its time: phases (store reads, RoPE re-alignment, preview, the
-layers that run on every token, the layers that run on the selected tokens only, selection) and,
+layers that run on every token up to the check layer, the other layers, which run on the selected
+tokens only, selection) and,
 inside them, attention against the rest (projections and MLP), from the torch profiler.
 
     python bench/profile_blend.py [--dataset ../shared/data/musique_dev.json] [--n 3] \\
@@ -25,7 +26,7 @@ PHASES = (
     "blendrag.realign",
     "blendrag.preview",
     "blendrag.layers_all_tokens",
-    "blendrag.layers_selected",
+    "blendrag.layers",
     "blendrag.select",
 )
 ATTENTION_OPS = ("scaled_dot_product", "flash_attention", "_efficient_attention")

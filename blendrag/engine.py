@@ -30,7 +30,7 @@ from .loading import LoadedModel, blendrag_home, load_model
 from .prompt import PromptFormat, RAGPrompt
 from .rope import Rotary
 from .sampling import Detokenizer, Sampler, SamplingParams
-from .selection import make_filters, preview_attention
+from .selection import plan_selection, preview_attention
 from .store import KVStore, open_store
 from .store.base import ChunkKV, LayeredKV
 
@@ -266,7 +266,7 @@ class BlendEngine:
             ids = torch.tensor(prompt.suffix)
             with record_function("blendrag.preview"):
                 prior = preview_attention(cfg, self.model, self.rotary, buf, ids, suffix)
-        return positions, make_filters(cfg, n_chunk_tokens, prompt.suffix_start, forced, prior)
+        return plan_selection(cfg, positions, n_chunk_tokens, prompt.suffix_start, forced, prior)
 
     # ---- decoding ---------------------------------------------------------------------------
 

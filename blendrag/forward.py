@@ -85,12 +85,12 @@ def run_layers(
     cos, sin = rotary.cos_sin(positions, h.dtype)
     mask = causal_mask(positions, kv.length)
     result = LayerLoopResult(h, [])
-    n_start = positions.numel()
+    # Up to its first filter, a filtered pass runs every token it started with.
+    first_filter = min(filters, default=-1)
     for i, block in enumerate(model.layers):
         kv.wait(i)  # a background load of reused KV may still be filling this layer
         # Profiler labels (free when no profiler runs): bench/profile_blend.py splits time on them.
-        all_tokens = positions.numel() == n_start
-        with record_function("blendrag.layers_all_tokens" if all_tokens else "blendrag.layers_selected"):
+        with record_function("blendrag.layers_all_tokens" if i <= first_filter else "blendrag.layers"):
             q, k, v = block.qkv(h)
             if capture:
                 result.captured_k.append(k)

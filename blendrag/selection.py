@@ -87,22 +87,32 @@ def token_scores(
     return attention * view.deviation.sqrt()
 
 
-def make_filters(
+def plan_selection(
     config: BlendConfig,
+    positions: torch.Tensor,
     n_chunk_tokens: int,
     suffix_start: int,
     forced_positions: torch.Tensor,
     prior: torch.Tensor | None = None,
-) -> dict[int, Filter]:
-    """Filters for ``run_layers``: at each filter layer keep the question rows, the forced
-    positions (EPIC's first-k) and the top-scored chunk rows, up to that layer's budget."""
+) -> tuple[torch.Tensor, dict[int, Filter]]:
+    """The positions ``run_layers`` starts with and the filters that narrow them: at each filter
+    layer keep the question rows, the forced positions (EPIC's first-k) and the top-scored chunk
+    rows, up to that layer's budget.
+
+    A layer-0 cut by the preview's scores, known before the pass, is made before it instead: the
+    tokens it drops then skip layer 0 too. Nothing is lost by that: a token's layer-0 K/V depends
+    on the token and its position alone, so the K/V stored for it is already exact there."""
     filters: dict[int, Filter] = {}
     for layer, share in config.keep_ratios():
         if share >= 1.0:
             continue
         budget = round(share * n_chunk_tokens)
-        filters[layer] = _filter(config, budget, suffix_start, forced_positions, prior)
-    return filters
+        if layer == 0 and config.selector == "preview":
+            assert prior is not None, "the preview selector needs preview_attention's scores"
+            positions = positions[_keep(budget, positions, prior[positions], suffix_start, forced_positions)]
+        else:
+            filters[layer] = _filter(config, budget, suffix_start, forced_positions, prior)
+    return positions, filters
 
 
 def _filter(
@@ -113,14 +123,26 @@ def _filter(
     prior: torch.Tensor | None,
 ) -> Filter:
     def keep(view: LayerView) -> torch.Tensor:
-        is_question = view.positions >= suffix_start
-        question_rows = is_question.nonzero().flatten()
-        forced = torch.isin(view.positions, forced_positions) & ~is_question
+        question_rows = (view.positions >= suffix_start).nonzero().flatten()
         scores = token_scores(config, view, question_rows, prior)
-        # Forced rows first, question rows never compete: they are always kept.
-        scores = scores.masked_fill(forced, float("inf")).masked_fill(is_question, float("-inf"))
-        n_chunk_rows = int((~is_question).sum())
-        chosen = scores.topk(min(budget, n_chunk_rows)).indices
-        return torch.cat([chosen, question_rows]).sort().values
+        return _keep(budget, view.positions, scores, suffix_start, forced_positions)
 
     return keep
+
+
+def _keep(
+    budget: int,
+    positions: torch.Tensor,
+    scores: torch.Tensor,
+    suffix_start: int,
+    forced_positions: torch.Tensor,
+) -> torch.Tensor:
+    """Sorted indices into ``positions`` to keep: every question row, the forced rows, then the
+    best-scored chunk rows up to ``budget`` chunk rows in all."""
+    is_question = positions >= suffix_start
+    forced = torch.isin(positions, forced_positions) & ~is_question
+    # Forced rows first, question rows never compete: they are always kept.
+    scores = scores.masked_fill(forced, float("inf")).masked_fill(is_question, float("-inf"))
+    n_chunk_rows = int((~is_question).sum())
+    chosen = scores.topk(min(budget, n_chunk_rows)).indices
+    return torch.cat([chosen, is_question.nonzero().flatten()]).sort().values

@@ -64,10 +64,15 @@ def test_reuse_differs_from_full(tiny_engine):
     assert (reuse.logits - full.logits).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("selector", ["deviation", "attention", "attention_deviation", "preview"])
+@pytest.mark.parametrize(
+    ("selector", "check_layer"),
+    [("deviation", 1), ("attention", 1), ("attention_deviation", 1), ("preview", 1), ("preview", 0)],
+)
 @pytest.mark.parametrize("ratio", [0.0, 0.3])
-def test_question_always_recomputed_and_budget_respected(tiny_engine, selector, ratio):
-    cfg = BlendConfig(recompute_ratio=ratio, selector=selector, check_layer=1, first_k=2, gradual_layers=1)
+def test_question_always_recomputed_and_budget_respected(tiny_engine, selector, check_layer, ratio):
+    cfg = BlendConfig(
+        recompute_ratio=ratio, selector=selector, check_layer=check_layer, first_k=2, gradual_layers=1
+    )
     pre = tiny_engine.prefill(CHUNKS, QUESTION, mode="blend", config=cfg)
     p = pre.prompt
     n_chunk = p.suffix_start - len(p.prefix)
@@ -166,8 +171,8 @@ def test_continuation_logits_equal_step_by_step_decoding(tiny_engine, mode):
 
 
 def test_preview_recomputes_the_tokens_the_question_attends_to(tiny_engine, monkeypatch):
-    """The preview scores are the question's attention over the reused KV: the kept chunk rows
-    are exactly the top-scored ones."""
+    """The preview scores are the question's attention over the reused KV: the chunk rows the
+    blend pass computes are exactly the top-scored ones."""
     from blendrag.selection import preview_attention
 
     cfg = BlendConfig(recompute_ratio=0.2, selector="preview", preview_draft=2)
@@ -185,14 +190,8 @@ def test_preview_recomputes_the_tokens_the_question_attends_to(tiny_engine, monk
     real = engine_mod.run_layers
 
     def spy(model, rotary, kv, ids, positions, filters=None, capture=False):
-        def record(view, f=filters[cfg.check_layer]):
-            keep = f(view)
-            kept["positions"] = view.positions[keep].tolist()
-            return keep
-
-        return real(
-            model, rotary, kv, ids, positions, {cfg.check_layer: record} if filters else None, capture
-        )
+        kept["positions"] = positions.tolist()  # the preview's cut is made before the pass
+        return real(model, rotary, kv, ids, positions, filters, capture)
 
     monkeypatch.setattr(engine_mod, "run_layers", spy)
     tiny_engine.prefill(CHUNKS, QUESTION, mode="blend", config=cfg)
@@ -202,6 +201,26 @@ def test_preview_recomputes_the_tokens_the_question_attends_to(tiny_engine, monk
     expected = candidates[scores[candidates].topk(budget).indices].tolist()
     chunk_kept = [p for p in kept["positions"] if p < prompt.suffix_start]
     assert sorted(chunk_kept) == sorted(expected)
+
+
+def test_preview_cut_before_the_pass_equals_the_cut_inside_it(tiny_engine, monkeypatch):
+    """The preview's layer-0 cut is made before the pass (dropped tokens skip layer 0): the same
+    as computing every token's layer 0 and cutting there, because stored layer-0 K/V is exact."""
+    import blendrag.engine as engine_mod
+    from blendrag.selection import plan_selection
+
+    before = tiny_engine.prefill(CHUNKS, QUESTION, mode="blend")
+
+    def cut_inside(config, positions, *args):
+        kept, filters = plan_selection(config, positions, *args)
+        assert len(kept) < len(positions) and not filters  # the default cuts before the pass
+        return positions, {0: lambda view: torch.isin(view.positions, kept).nonzero().flatten()}
+
+    monkeypatch.setattr(engine_mod, "plan_selection", cut_inside)
+    inside = tiny_engine.prefill(CHUNKS, QUESTION, mode="blend")
+    assert inside.stats["n_recomputed"] == before.stats["n_recomputed"]
+    torch.testing.assert_close(before.logits, inside.logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(before.kv.v, inside.kv.v, atol=1e-5, rtol=1e-5)
 
 
 def test_full_mode_ignores_the_store(tiny_dirs):
