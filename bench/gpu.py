@@ -116,7 +116,8 @@ def chunk_kv(model: Transformer, rotary: Rotary, ids: torch.Tensor) -> ChunkKV:
     """A chunk prefilled alone from position 0, K kept un-rotated: what the engine stores."""
     buf = KVBuffer(model.args, len(ids), model.embed_tokens.weight.dtype, ids.device)
     buf.length = len(ids)
-    out = run_layers(model, rotary, buf, ids, torch.arange(len(ids), device=ids.device), capture=True)
+    positions = torch.arange(len(ids), device=ids.device)
+    out = run_layers(model, rotary, buf, ids, positions, capture=True, last_row_only=True)
     return ChunkKV(torch.stack(out.captured_k), torch.stack(out.captured_v))
 
 
@@ -219,7 +220,9 @@ def prefill(setup: Setup, mode: str, ratio: float | None, kv_location: str) -> t
             positions, filters = plan_selection(
                 cfg, positions, setup.n_chunk_tokens, setup.n_chunk_tokens, no_forced
             )
-    out = run_layers(setup.model, setup.rotary, buf, setup.ids[positions], positions, filters)
+    out = run_layers(
+        setup.model, setup.rotary, buf, setup.ids[positions], positions, filters, last_row_only=True
+    )
     return setup.model.logits(out.last_hidden)
 
 

@@ -158,7 +158,9 @@ class BlendEngine:
             buf.load([(0, self._segment([], context)[0])], self.rotary)
         buf.length = len(context) + len(ids)
         positions = torch.arange(len(context), buf.length)
-        out = run_layers(self.model, self.rotary, buf, torch.tensor(ids), positions, capture=True)
+        out = run_layers(
+            self.model, self.rotary, buf, torch.tensor(ids), positions, capture=True, last_row_only=True
+        )
         return ChunkKV(torch.stack(out.captured_k), torch.stack(out.captured_v))
 
     def precompute(self, texts: list[str]) -> int:
@@ -221,7 +223,7 @@ class BlendEngine:
         buf = KVBuffer(self.model.args, capacity, self.dtype)
         buf.length = len(ids)
         positions, filters, hits, misses = self._plan(mode, cfg, prompt, buf)
-        out = run_layers(self.model, self.rotary, buf, ids[positions], positions, filters)
+        out = run_layers(self.model, self.rotary, buf, ids[positions], positions, filters, last_row_only=True)
         return buf, out, hits, misses
 
     def _plan(self, mode: Mode, cfg: BlendConfig, prompt: RAGPrompt, buf: KVBuffer):

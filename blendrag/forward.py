@@ -78,8 +78,13 @@ def run_layers(
     filters: dict[int, Filter] | None = None,
     capture: bool = False,
     attention: Attention | None = None,
+    last_row_only: bool = False,
 ) -> LayerLoopResult:
-    """Run all layers for ``token_ids`` at sorted ``positions`` (all < ``kv.length``)."""
+    """Run all layers for ``token_ids`` at sorted ``positions`` (all < ``kv.length``).
+
+    ``last_row_only``: the final layer writes every row's K/V but finishes (attention, MLP) the
+    last row only, for callers that read only the last token's output (a prefill's logits): the
+    other rows' final outputs feed nothing, and skipping them saves 1/n_layers of the work."""
     filters = filters or {}
     h = model.embed_tokens(token_ids)
     cos, sin = rotary.cos_sin(positions, h.dtype)
@@ -106,6 +111,9 @@ def run_layers(
             else:
                 kv.write(i, positions, k, v)
             result.n_active_per_layer.append(positions.numel())
+            if last_row_only and i == len(model.layers) - 1:
+                h, q, positions = h[-1:], q[:, -1:], positions[-1:]
+                mask = causal_mask(positions, kv.length)
             if attention is None:
                 a = attend(q, kv.keys(i), kv.values(i), mask)
             else:

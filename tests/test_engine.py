@@ -86,7 +86,7 @@ def test_first_k_tokens_are_forced(tiny_engine, monkeypatch):
 
     real = engine_mod.run_layers
 
-    def spy(model, rotary, kv, ids, positions, filters=None, capture=False):
+    def spy(model, rotary, kv, ids, positions, filters=None, capture=False, **kwargs):
         wrapped = {}
         for layer, f in (filters or {}).items():
 
@@ -96,7 +96,7 @@ def test_first_k_tokens_are_forced(tiny_engine, monkeypatch):
                 return keep
 
             wrapped[layer] = w
-        return real(model, rotary, kv, ids, positions, wrapped, capture)
+        return real(model, rotary, kv, ids, positions, wrapped, capture, **kwargs)
 
     monkeypatch.setattr(engine_mod, "run_layers", spy)
     prompt = tiny_engine.prompt_format.build(CHUNKS, QUESTION)
@@ -189,9 +189,9 @@ def test_preview_recomputes_the_tokens_the_question_attends_to(tiny_engine, monk
 
     real = engine_mod.run_layers
 
-    def spy(model, rotary, kv, ids, positions, filters=None, capture=False):
+    def spy(model, rotary, kv, ids, positions, filters=None, capture=False, **kwargs):
         kept["positions"] = positions.tolist()  # the preview's cut is made before the pass
-        return real(model, rotary, kv, ids, positions, filters, capture)
+        return real(model, rotary, kv, ids, positions, filters, capture, **kwargs)
 
     monkeypatch.setattr(engine_mod, "run_layers", spy)
     tiny_engine.prefill(CHUNKS, QUESTION, mode="blend", config=cfg)
