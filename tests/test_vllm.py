@@ -97,6 +97,20 @@ def test_hit_computes_only_the_last_token_and_equals_blendrag(llm, store_engine)
     assert out.outputs[0].text == own.text
 
 
+def test_repeated_blend_is_served_from_vllms_prefix_cache(llm, store_engine):
+    """The same blend again (same salt): vLLM's own cache holds every full block of it, so the
+    connector stays out and vLLM computes only the rest (less than a block) itself."""
+    chunks = sample_chunks(["brackenmoor_railway.txt", "marisco_lantern_night.md"])
+    store_engine.precompute(chunks)
+    request = blend_request(store_engine.prompt_format, chunks, "When did the railway open?")
+    first, again = blended(llm, request), blended(llm, request)
+    n = len(request.prompt_token_ids)
+    assert first.num_cached_tokens == n - 1
+    block_size = llm.llm_engine.vllm_config.cache_config.block_size
+    assert again.num_cached_tokens == (n - 1) // block_size * block_size  # vLLM's own blocks only
+    assert again.outputs[0].text == first.outputs[0].text
+
+
 FALLBACK_QUESTION = "In which year was the lighthouse first lit?"
 
 
