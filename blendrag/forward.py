@@ -50,7 +50,7 @@ Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], t
 
 @dataclass
 class LayerLoopResult:
-    hidden: torch.Tensor  # hidden states of the active tokens after the final layer
+    hidden: torch.Tensor  # after the final layer: of the active tokens (the last only: last_row_only)
     n_active_per_layer: list[int]
     captured_k: list[torch.Tensor] = field(default_factory=list)  # per layer, before RoPE
     captured_v: list[torch.Tensor] = field(default_factory=list)
