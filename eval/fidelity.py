@@ -175,19 +175,25 @@ def format_table(summary: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m eval.fidelity", description=__doc__.splitlines()[0])
+def add_screen_args(p: argparse.ArgumentParser) -> None:
+    """The options of every screen built on this one (``eval.rankings`` too): what
+    ``load_backend``, ``evaluate`` and ``report`` read."""
     p.add_argument("--dataset", type=Path, required=True)
-    p.add_argument("--n", type=int, default=None)
-    p.add_argument("--skip", type=int, default=0, help="start at question SKIP")
     p.add_argument("--top-k", type=int, default=6)
-    p.add_argument("--variants", required=True, help='";"-separated: reuse, prefix, or SPEC@RATIO')
-    p.add_argument("--chunk-context", default="none", choices=["none", "prefix"])
     p.add_argument("--kv-store", default=None)
     p.add_argument("--model", default=None)
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--ref-cache", type=Path, default=Path("runs/fidelity-refs"))
     p.add_argument("--out", type=Path, default=None)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m eval.fidelity", description=__doc__.splitlines()[0])
+    add_screen_args(p)
+    p.add_argument("--n", type=int, default=None)
+    p.add_argument("--skip", type=int, default=0, help="start at question SKIP")
+    p.add_argument("--variants", required=True, help='";"-separated: reuse, prefix, or SPEC@RATIO')
+    p.add_argument("--chunk-context", default="none", choices=["none", "prefix"])
     return p.parse_args(argv)
 
 

@@ -31,7 +31,7 @@ import blendrag.engine
 from blendrag.forward import LayerView, run_layers
 from blendrag.kvbuffer import KVBuffer
 from blendrag.selection import question_attention
-from eval.fidelity import load_reference, report, score_variant, summarize_all
+from eval.fidelity import add_screen_args, load_reference, report, score_variant, summarize_all
 from eval.quality import Backend, Item, Variant, _float_list, dataset_chunks, load_backend, load_dataset
 
 Ranking = Callable[[dict[str, torch.Tensor]], torch.Tensor]
@@ -135,18 +135,12 @@ def evaluate(
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m eval.rankings", description=__doc__.splitlines()[0])
-    p.add_argument("--dataset", type=Path, required=True)
+    add_screen_args(p)
     p.add_argument("--n", type=int, default=20)
-    p.add_argument("--top-k", type=int, default=6)
     p.add_argument("--ratios", type=_float_list, default=[0.15])
     p.add_argument(
         "--rankings", default=",".join(RANKINGS), help=f"comma-separated, of {', '.join(RANKINGS)}"
     )
-    p.add_argument("--kv-store", default=None)
-    p.add_argument("--model", default=None)
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--ref-cache", type=Path, default=Path("runs/fidelity-refs"))
-    p.add_argument("--out", type=Path, default=None)
     return p.parse_args(argv)
 
 
