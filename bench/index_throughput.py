@@ -28,12 +28,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from blendrag import BlendEngine
 from blendrag.retriever import Retriever, build_index
 from blendrag.retriever.embedder import Embedder
 from blendrag.retriever.index_dir import KV_DIR_NAME, IndexDir
 from blendrag.retriever.indexer import index_stats
-
-from blendrag import BlendEngine
 from blendrag.store import open_store
 from eval.quality import chunk_text, load_dataset
 

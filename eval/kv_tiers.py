@@ -16,12 +16,12 @@ import json
 from pathlib import Path
 
 import numpy as np
-from blendrag.retriever import Retriever
 
 from blendrag import BlendEngine
+from blendrag.retriever import Retriever
 from blendrag.store import MemoryStore, RedisStore, TieredStore
 
-QUESTIONS = Path(__file__).resolve().parents[1] / "samples" / "questions.json"
+QUESTIONS = Path(__file__).resolve().parents[1] / "blendrag" / "samples" / "questions.json"
 
 
 def main(argv: list[str] | None = None) -> dict:

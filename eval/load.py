@@ -33,7 +33,7 @@ import httpx
 import numpy as np
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
-QUESTIONS = Path(__file__).resolve().parents[1] / "samples" / "questions.json"
+QUESTIONS = Path(__file__).resolve().parents[1] / "blendrag" / "samples" / "questions.json"
 MAX_DURATION_S = 600
 KINDS = ("query", "stream", "add")
 

@@ -11,7 +11,6 @@ from typing import Any
 
 from blendrag.retriever import build_index
 from blendrag.retriever.search import Retriever
-
 from eval.quality import ChunkSource, Item, chunk_text
 
 

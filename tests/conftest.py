@@ -18,7 +18,7 @@ from blendrag import BlendEngine
 from blendrag.loading import default_model_dir
 from blendrag.store import MemoryStore
 
-SAMPLE_CORPUS = Path(__file__).resolve().parents[1] / "samples" / "corpus"
+SAMPLE_CORPUS = Path(__file__).resolve().parents[1] / "blendrag" / "samples" / "corpus"
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 MUSIQUE = SHARED_DATA / "musique_dev.json"
 REDIS_SERVER = shutil.which("redis-server")

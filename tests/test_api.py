@@ -7,8 +7,9 @@ import time
 from pathlib import Path
 
 import pytest
-from blendrag.api.app import create_app
 from fastapi.testclient import TestClient
+
+from blendrag.api.app import create_app
 
 QUESTION = "Who kept the Saint Orvo lighthouse?"
 

@@ -11,6 +11,7 @@ import httpx
 import openai
 import pytest
 import uvicorn
+
 from blendrag.api.app import create_app
 
 QUESTIONS = [

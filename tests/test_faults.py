@@ -11,16 +11,16 @@ import time
 
 import httpx
 import pytest
-from blendrag.api.app import create_app
-from blendrag.retriever import build_index
-from blendrag.retriever.docstore import DB_NAME
 from conftest import SAMPLE_CORPUS
 from fastapi.testclient import TestClient
 from test_api_server import QUESTIONS, ServerThread
 from test_store import DiskFull
 
 from blendrag import BlendEngine
+from blendrag.api.app import create_app
 from blendrag.errors import BlendRAGError
+from blendrag.retriever import build_index
+from blendrag.retriever.docstore import DB_NAME
 from blendrag.store import DiskStore, MemoryStore, RedisStore, TieredStore
 
 

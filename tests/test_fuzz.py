@@ -7,12 +7,13 @@ Driven through Hypothesis directly: schemathesis' pytest plugin does not run on 
 from __future__ import annotations
 
 import schemathesis
-from blendrag.api.app import create_app
-from blendrag.api.tenants import TenantConfig
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import positive_data_acceptance
 from test_tenants import add
+
+from blendrag.api.app import create_app
+from blendrag.api.tenants import TenantConfig
 
 # Not checked: that every schema-valid body is accepted. A few rules span fields and JSON Schema
 # cannot state them (a chat needs a user message with text; document ids unique in a request):

@@ -7,6 +7,7 @@ import asyncio
 import gc
 
 import pytest
+
 from blendrag.api.rag import Ask, EngineFailure, InFlightLimit, RAGService
 
 ASK = Ask(

@@ -5,14 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from blendrag.api.app import create_app
-from blendrag.api.langchain import BlendRAGRetriever, ChatBlendRAG, blend_prompt
 from langchain_core.documents import Document
 from langchain_core.messages import HumanMessage
 from langchain_core.runnables import RunnablePassthrough
 from langchain_tests.integration_tests import ChatModelIntegrationTests, RetrieversIntegrationTests
 from langchain_tests.unit_tests import ChatModelUnitTests
 
+from blendrag.api.app import create_app
+from blendrag.api.langchain import BlendRAGRetriever, ChatBlendRAG, blend_prompt
 from tests.test_api_server import ServerThread
 
 # The standard suites' async tests carry no marker and pytest-asyncio runs in strict mode (the

@@ -6,9 +6,9 @@ import asyncio
 import os
 
 import pytest
-from blendrag.api.app import create_app
 from test_api_server import QUESTIONS, ServerThread
 
+from blendrag.api.app import create_app
 from eval.load import Settings, run_load
 
 

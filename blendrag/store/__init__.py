@@ -9,7 +9,6 @@ from blendrag.store.base import ChunkKV, KVStore
 from blendrag.store.disk import DiskStore
 from blendrag.store.memory import MemoryStore
 from blendrag.store.namespaced import NamespacedStore
-from blendrag.store.redis import DEFAULT_PREFIX, RedisStore
 from blendrag.store.tiered import TieredStore
 
 __all__ = [
@@ -24,6 +23,15 @@ __all__ = [
 ]
 
 DEFAULT_MEMORY_BYTES = 2 << 30
+
+
+def __getattr__(name: str) -> object:
+    # RedisStore is imported on first use: it needs the redis extra, the other stores do not.
+    if name == "RedisStore":
+        from blendrag.store.redis import RedisStore
+
+        return RedisStore
+    raise AttributeError(f"module 'blendrag.store' has no attribute {name!r}")
 
 
 def open_store(spec: str | None, memory_bytes: int = DEFAULT_MEMORY_BYTES) -> KVStore:
@@ -64,6 +72,8 @@ def _redis_tiers(url, memory_bytes: int) -> TieredStore:
     if "disk" in options:
         tiers.append(DiskStore(options["disk"]))
         names.append("disk")
+    from blendrag.store.redis import DEFAULT_PREFIX, RedisStore  # needs the redis extra
+
     tiers.append(RedisStore(redis_url, ttl_s=ttl_s, prefix=options.get("prefix", DEFAULT_PREFIX)))
     names.append("redis")
     return TieredStore(tiers, names=names)

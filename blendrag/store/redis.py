@@ -16,13 +16,17 @@ import threading
 import time
 from collections.abc import Sequence
 
-import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
-
 from blendrag.errors import CorruptEntry
+from blendrag.extras import missing_extra
 from blendrag.store import codec
 from blendrag.store.base import ChunkKV, KVStore
+
+try:
+    import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+except ImportError as err:
+    raise missing_extra("redis", "the Redis KV store", err) from err
 
 log = logging.getLogger(__name__)
 

@@ -10,9 +10,13 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
-import httpx
-
 from blendrag.errors import BlendRAGError
+from blendrag.extras import missing_extra
+
+try:
+    import httpx
+except ImportError as err:
+    raise missing_extra("server", "blendrag's HTTP client", err) from err
 
 
 class ServerError(BlendRAGError):

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from blendrag.errors import BlendRAGError
+from blendrag.extras import missing_extra
 
 DEFAULT_EMBEDDER = "all-MiniLM-L6-v2"
 
@@ -36,7 +37,10 @@ class Embedder:
     def __init__(self, name: str = DEFAULT_EMBEDDER, batch_size: int = 64):
         # Only local directories are loaded; never reach for the Hub.
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        from sentence_transformers import SentenceTransformer  # heavy import, only when embedding
+        try:  # heavy import, only when embedding
+            from sentence_transformers import SentenceTransformer
+        except ImportError as err:
+            raise missing_extra("retriever", "blendrag's embedder", err) from err
 
         path = resolve(name)
         self.name = name if name == DEFAULT_EMBEDDER else str(path.resolve())

@@ -13,11 +13,10 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from blendrag.errors import BlendRAGError
 from blendrag.retriever import Embedder, RetrievedChunk, Retriever, build_index, delete_document
 from blendrag.retriever.docstore import DB_NAME
 from blendrag.retriever.index_dir import IndexDir
-
-from blendrag.errors import BlendRAGError
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
-"""The ``blendrag serve`` subcommand: load the engine, open the index, run uvicorn.
+"""``blendrag serve``: load the engine, open the index, run the API under uvicorn.
 
-``--backend`` picks who prefills and decodes (``backend.py``): blendrag's engine in this process
-(the default), or an in-process vLLM running blendrag's KV connector (``vllm_backend.py``).
+``--backend`` picks who prefills and decodes (``blendrag.api.backend``): blendrag's engine in
+this process (the default), or an in-process vLLM running blendrag's KV connector
+(``blendrag.api.vllm_backend``).
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from pathlib import Path
 
 from blendrag.errors import BlendRAGError
 
+from . import common
+
 BACKENDS = ("engine", "vllm")
 
 
@@ -21,7 +24,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--model", help="local checkpoint directory (the one the index was built with)")
-    serve.add_argument("--kv-store", help="KV store spec (default: INDEX_DIR/kv)")
+    serve.add_argument("--kv-store", help=f"KV store spec (default: INDEX_DIR/{common.KV_DIR_NAME})")
     serve.add_argument("--model-name", help="model id in /v1/models (default: checkpoint directory name)")
     serve.add_argument(
         "--api-keys",
@@ -30,7 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     serve.add_argument(
         "--max-in-flight",
-        type=_positive_int,
+        type=common.positive_int,
         default=None,
         help="answers decoded at once; more requests wait for a slot (default: 16)",
     )
@@ -43,26 +46,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     serve.add_argument(
         "--vllm-kv-cache-gb",
-        type=_positive_float,
+        type=common.positive_float,
         default=None,
         help="--backend vllm: vLLM's paged KV cache in GiB (default: vLLM's; on its CPU build "
         "$VLLM_CPU_KVCACHE_SPACE, which also overrides this flag)",
     )
-    serve.set_defaults(func=run_serve)
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
+    serve.set_defaults(func=run)
 
 
 def check_backend(args: argparse.Namespace, kv_store: str) -> None:
@@ -73,27 +62,25 @@ def check_backend(args: argparse.Namespace, kv_store: str) -> None:
         return
     if importlib.util.find_spec("vllm") is None:
         raise BlendRAGError("--backend vllm needs vLLM installed (scripts/setup.sh --vllm)")
-    from .vllm_backend import VLLMBackend
+    from blendrag.api.vllm_backend import VLLMBackend
 
     VLLMBackend.check_store(kv_store)
 
 
-def run_serve(args: argparse.Namespace) -> None:
+def run(args: argparse.Namespace) -> None:
     import uvicorn
-    from blendrag.retriever.commands import load_engine
-    from blendrag.retriever.index_dir import KV_DIR_NAME
 
-    from .app import create_app
-    from .tenants import load_tenants
+    from blendrag.api.app import create_app
+    from blendrag.api.tenants import load_tenants
 
     tenants = load_tenants(args.api_keys)  # a bad key file fails before the model loads
-    kv_store = args.kv_store or str(args.index_dir / KV_DIR_NAME)
+    kv_store = common.index_kv_store(args.index_dir, args.kv_store)
     check_backend(args, kv_store)
     # The engine loads with either backend: it tokenizes prompts, and indexes documents' KV.
-    engine = load_engine(args.model, kv_store)
+    engine = common.load_engine(args.model, kv_store)
     backend = None  # create_app's default: the engine itself
     if args.backend == "vllm":
-        from .vllm_backend import VLLMBackend
+        from blendrag.api.vllm_backend import VLLMBackend
 
         backend = VLLMBackend(engine, kv_store, kv_cache_gb=args.vllm_kv_cache_gb)
     limit = {} if args.max_in_flight is None else {"max_in_flight": args.max_in_flight}

@@ -10,8 +10,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import faiss
 import numpy as np
+
+from blendrag.extras import missing_extra
+
+try:
+    import faiss
+except ImportError as err:
+    raise missing_extra("retriever", "blendrag's retriever", err) from err
 
 DEFAULT_HNSW_THRESHOLD = 50_000  # vectors; from here on HNSW instead of exact flat search
 HNSW_NEIGHBORS = 32

@@ -1,6 +1,0 @@
-"""HTTP API and LangChain integration for blendrag.
-
-``blendrag.api.app.create_app`` builds the FastAPI app, ``blendrag.api.serve`` is the ``blendrag
-serve`` command, ``blendrag.api.langchain`` holds the LangChain retriever and chat model. Nothing
-is imported here, so ``blendrag --help`` does not pay for FastAPI.
-"""

@@ -1,0 +1,5 @@
+import sys
+
+from blendrag.cli import main
+
+sys.exit(main())

@@ -1,0 +1,50 @@
+"""What the subcommands share: argument types, the default KV store, and loading the engine."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from blendrag.engine import BlendEngine
+
+# The index directory's own KV store (blendrag.retriever.index_dir.KV_DIR_NAME), named here so
+# that building the parser imports no retriever code.
+KV_DIR_NAME = "kv"
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def ratio(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1], got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    return value
+
+
+def index_kv_store(index_dir: Path, kv_store: str | None) -> str:
+    """On disk beside the index by default, so the KV that `index` computed is there for `query`."""
+    return kv_store or str(index_dir / KV_DIR_NAME)
+
+
+def load_engine(model: str | None, kv_store: str | None) -> BlendEngine:
+    """The engine over ``kv_store`` (None: memory only)."""
+    from blendrag.engine import BlendEngine
+
+    return BlendEngine.from_pretrained(model, store=kv_store or "memory")
