@@ -12,15 +12,16 @@ from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 
-from blendrag.errors import BlendRAGError
 from blendrag.extras import missing_extra
-from blendrag.retriever import Retriever
 
 try:
     from fastapi import FastAPI
     from fastapi.responses import Response
 except ImportError as err:
     raise missing_extra("server", "blendrag's API server", err) from err
+
+from blendrag.errors import BlendRAGError
+from blendrag.retriever import Retriever
 
 from .backend import Backend
 from .documents import documents_router

@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 from blendrag.extras import missing_extra
-from blendrag.retriever import Retriever
 
 try:
     from langchain_core.callbacks import (
@@ -42,9 +41,11 @@ try:
     from langchain_core.runnables import RunnableLambda
 except ImportError as err:
     raise missing_extra("langchain", "blendrag's LangChain integration", err) from err
+
 from pydantic import ConfigDict, Field, PrivateAttr, model_validator
 
 from blendrag.config import Mode
+from blendrag.retriever import Retriever
 
 from .client import BlendRAGClient
 from .rag import Answer, Ask, RAGService

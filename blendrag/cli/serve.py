@@ -12,6 +12,7 @@ import importlib.util
 from pathlib import Path
 
 from blendrag.errors import BlendRAGError
+from blendrag.extras import missing_extra
 
 from . import common
 
@@ -68,10 +69,13 @@ def check_backend(args: argparse.Namespace, kv_store: str) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    import uvicorn
-
-    from blendrag.api.app import create_app
+    from blendrag.api.app import create_app  # first: a missing [server] extra is named here
     from blendrag.api.tenants import load_tenants
+
+    try:
+        import uvicorn
+    except ImportError as err:
+        raise missing_extra("server", "blendrag serve", err) from err
 
     tenants = load_tenants(args.api_keys)  # a bad key file fails before the model loads
     kv_store = common.index_kv_store(args.index_dir, args.kv_store)
