@@ -12,7 +12,7 @@ prefill up to the first token's logits (``Transformer.logits``), median of ``--r
 after ``--warmup`` discarded ones (the first runs compile FlexAttention for the shape).
 
 The engine itself runs on CPU tensors only, so this script drives the same parts it uses
-(``KVBuffer``, ``run_layers``, ``make_filters``) on the device, with the engine's plan for each
+(``KVBuffer``, ``run_layers``, ``plan_selection``) on the device, with the engine's plan for each
 mode. Layer-wise loading (b): each layer's K/V of all chunks is one packed pinned tensor, copied
 on a side stream and re-aligned (RoPE) there; the layer loop waits for layer i+1's copy only
 when it writes layer i, so loading overlaps compute. On CPU the copies run synchronously.
@@ -25,7 +25,6 @@ import functools
 import json
 import platform
 import statistics
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +41,7 @@ from blendrag.model import ModelArgs, Transformer
 from blendrag.rope import Rotary
 from blendrag.selection import plan_selection
 from blendrag.store.base import ChunkKV
+from harness.timing import time_ms
 
 SHAPES: dict[str, dict[str, Any]] = {
     "smollm2-135m": dict(
@@ -231,19 +231,6 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_ms(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(1e3 * (time.perf_counter() - start))
-    return times
-
-
 def prefill_rows(setup: Setup, ratios: list[float], warmup: int, repeats: int) -> list[dict[str, Any]]:
     locations = ["gpu", "pinned"] if setup.device.type == "cuda" else ["device", "host-copy"]
     cases = [("full", None, locations[0])] + [
@@ -256,7 +243,7 @@ def prefill_rows(setup: Setup, ratios: list[float], warmup: int, repeats: int) -
         kv_location = "pinned" if loc in ("pinned", "host-copy") else "device"
         with torch.inference_mode():
             run = functools.partial(prefill, setup, mode, ratio, kv_location)
-            times = time_ms(run, setup.device, warmup, repeats)
+            times = time_ms(run, warmup, repeats, functools.partial(sync, setup.device))
         rows.append(
             {"mode": mode, "ratio": ratio, "kv": loc, "ttft_ms": statistics.median(times), "all_ms": times}
         )
@@ -328,7 +315,7 @@ def kernel_rows(setup: Setup, ratio: float, warmup: int, repeats: int) -> list[d
     rows = []
     for name, fn, nbytes, flops in cases:
         with torch.inference_mode():
-            ms = statistics.median(time_ms(fn, device, warmup, repeats))
+            ms = statistics.median(time_ms(fn, warmup, repeats, functools.partial(sync, device)))
         rows.append(
             {
                 "kernel": name,

@@ -23,7 +23,6 @@ import shutil
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,34 +34,8 @@ from blendrag.retriever.embedder import Embedder
 from blendrag.retriever.index_dir import KV_DIR_NAME, IndexDir
 from blendrag.retriever.indexer import index_stats
 from blendrag.store import open_store
-from eval.quality import chunk_text, load_dataset
-
-DEFAULT_DATASET = Path("../shared/data/musique_dev.json")
-
-
-class Timed:
-    """Wraps a callable and adds up the wall time spent in it."""
-
-    def __init__(self, fn: Callable[..., Any]) -> None:
-        self.fn, self.seconds = fn, 0.0
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        start = time.perf_counter()
-        try:
-            return self.fn(*args, **kwargs)
-        finally:
-            self.seconds += time.perf_counter() - start
-
-
-def write_corpus(items: list[dict], n_passages: int, path: Path) -> int:
-    """The first ``n_passages`` ctxs, question by question, as one jsonl document each."""
-    lines = [
-        json.dumps({"id": f"q{qi}-p{pi}", "text": chunk_text(ctx)})
-        for qi, item in enumerate(items)
-        for pi, ctx in enumerate(item["ctxs"])
-    ][:n_passages]
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return len(lines)
+from harness.data import DEFAULT_DATASET, load_dataset, write_corpus
+from harness.timing import Timed
 
 
 def measure_build(corpus: Path, index_dir: Path, engine: BlendEngine) -> dict[str, Any]:
@@ -192,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="blendrag-index-bench-"))
     try:
         corpus, index_dir = workdir / "corpus.jsonl", workdir / "index"
-        n_passages = write_corpus(items, args.passages, corpus)
+        n_passages = write_corpus(items, corpus, limit=args.passages)
         engine = BlendEngine.from_pretrained(args.model, store=open_store(str(index_dir / KV_DIR_NAME)))
         build = measure_build(corpus, index_dir, engine)
         chunks = distinct_chunks(index_dir)

@@ -1,7 +1,7 @@
 """CPU timings behind ``kernels.selective_mask``'s choice: SDPA with a boolean mask vs compiled
 FlexAttention with a block mask, for one layer's selective attention.
 
-    python bench/kernels_cpu.py [--n 560] [--length 3700] [--heads 9] [--kv-heads 3] [--head-dim 64]
+    python -m bench.kernels_cpu [--n 560] [--length 3700] [--heads 9] [--kv-heads 3] [--head-dim 64]
 """
 
 from __future__ import annotations
@@ -14,26 +14,22 @@ from collections.abc import Callable
 import torch
 
 from blendrag.kernels import flex, reference
+from harness.timing import time_ms
 
 
 def median_ms(fn: Callable[[], object], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+    return statistics.median(time_ms(fn, 0, repeats))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.kernels_cpu", description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=560)
     parser.add_argument("--length", type=int, default=3700)
     parser.add_argument("--heads", type=int, default=9)
     parser.add_argument("--kv-heads", type=int, default=3)
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=20)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     torch.manual_seed(0)
     t, r = args.length, args.repeats

@@ -24,9 +24,11 @@ from pathlib import Path
 
 from torch.profiler import ProfilerActivity, profile
 
-from bench.profile_blend import phase_ms, prompts
+from bench.profile_blend import phase_ms
 from blendrag import BlendEngine
 from blendrag.store import DiskStore
+from harness.data import DEFAULT_DATASET, load_prompts
+from harness.report import settings
 
 LOAD_PHASES = ("blendrag.store_read", "blendrag.realign")
 
@@ -78,7 +80,7 @@ def measure(
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.prefetch", description=__doc__.splitlines()[0])
-    p.add_argument("--dataset", type=Path, default=Path("../shared/data/musique_dev.json"))
+    p.add_argument("--dataset", type=Path, default=DEFAULT_DATASET)
     p.add_argument("--n", type=int, default=4)
     p.add_argument("--top-k", type=int, default=6)
     p.add_argument("--model", default=None, help="local checkpoint dir (default: the embedded model)")
@@ -94,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
             for name in ("foreground", "background")
         }
         runs = []
-        for chunks, question in prompts(args.dataset, args.n, args.top_k):
+        for chunks, question in load_prompts(args.dataset, args.n, args.top_k):
             engines["foreground"].precompute(chunks)
             engines["foreground"].prefill(chunks, question, mode="blend")  # warm-up
             runs.append(measure(engines, store, chunks, question, args.cold, args.repeats))
@@ -117,11 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(
-            json.dumps(
-                {"settings": vars(args) | {"dataset": str(args.dataset)}, "runs": runs, "summary": summary},
-                indent=1,
-                default=str,
-            )
+            json.dumps({"settings": settings(args), "runs": runs, "summary": summary}, indent=1)
         )
     return 0
 

@@ -12,10 +12,10 @@ a question and its first ``--top-k`` passages. Peers:
   default model was converted from (Q4_1 weights, so not the same arithmetic); TTFT is
   ``Llama.eval`` of the prompt. Skipped when the package is not installed.
 
-blendrag's ``full``, ``reuse`` and ``blend`` (one per ``--ratios``) run through the evaluation
-harness (chunk KV precomputed before timing); their TTFT includes building and tokenizing the
-prompt, the peers get the token ids. All threads: ``--threads`` (default: torch's).
-Each method is warmed up once on the first question (discarded). Reported per method: TTFT mean
+blendrag's ``full``, ``reuse`` and ``blend`` (one per ``--ratios``) run through
+``harness.runner`` (chunk KV precomputed before timing); their TTFT includes building and
+tokenizing the prompt, the peers get the token ids. All threads: ``--threads`` (default: torch's).
+Each method is warmed up once on one question (discarded). Reported per method: TTFT mean
 and p50, its speedup over transformers (transformers' mean / the method's mean), and the share
 of greedy answers (``--max-new-tokens``, first line) identical to blendrag ``full``'s.
 """
@@ -36,18 +36,13 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from eval.metrics import summarize
-from eval.quality import (
-    REFERENCE,
-    build_variants,
-    clean_answer,
-    dataset_chunks,
-    evaluate,
-    load_backend,
-    load_dataset,
-)
+from harness.answers import clean_answer
+from harness.data import DEFAULT_DATASET, Item, dataset_chunks, load_dataset
+from harness.report import settings
+from harness.runner import Run, load_backend, run_questions
+from harness.stats import summarize
+from harness.variants import REFERENCE, build_variants, float_list, name_list
 
-DEFAULT_DATASET = Path("../shared/data/musique_dev.json")
 PEERS = ("transformers", "llama.cpp")
 BLENDRAG_METHODS = ("full", "reuse", "blend")
 BASELINE = "transformers"
@@ -141,11 +136,24 @@ def run_peers(peers: dict, engine: Any, items: list[dict], chunk_lists: list[lis
     return results
 
 
+def timing_record(item: Item, chunks: list[str], runs: dict[str, Run]) -> dict[str, Any]:
+    """What a question's blendrag runs leave for the report: per variant {ttft_s, answer,
+    cache_misses}."""
+    return {
+        "results": {
+            name: {
+                "ttft_s": run.stats["ttft_s"],
+                "answer": run.answer,
+                "cache_misses": run.stats.get("cache_misses", 0),
+            }
+            for name, run in runs.items()
+        }
+    }
+
+
 def method_rows(records: list[dict], variants: list, peer_results: dict[str, list[dict]]) -> dict[str, list]:
-    """Per method, per question: {ttft_s, answer}, and blendrag's cache_misses (from the harness's
-    records)."""
-    keys = ("ttft_s", "answer", "cache_misses")
-    rows = {v.name: [{key: r["results"][v.name][key] for key in keys} for r in records] for v in variants}
+    """Per method, per question: {ttft_s, answer}, and blendrag's cache_misses."""
+    rows = {v.name: [r["results"][v.name] for r in records] for v in variants}
     return {**peer_results, **rows}
 
 
@@ -200,19 +208,15 @@ def plot(summary: list[dict[str, Any]], path: Path, title: str) -> None:
     fig.savefig(path, dpi=120)
 
 
-def _list(text: str) -> list[str]:
-    return [x.strip() for x in text.split(",") if x.strip()]
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.prefill", description=__doc__.splitlines()[0])
     p.add_argument("--dataset", type=Path, default=DEFAULT_DATASET)
     p.add_argument("--n", type=int, default=20, help="first N questions")
     p.add_argument("--top-k", type=int, default=6, help="passages per question")
     p.add_argument(
-        "--methods", type=_list, default=[*PEERS, *BLENDRAG_METHODS], help="comma-separated subset"
+        "--methods", type=name_list, default=[*PEERS, *BLENDRAG_METHODS], help="comma-separated subset"
     )
-    p.add_argument("--ratios", type=lambda t: [float(x) for x in _list(t)], default=[0.05, 0.15, 0.3])
+    p.add_argument("--ratios", type=float_list, default=[0.05, 0.15, 0.3])
     p.add_argument("--model", default=None, help="local checkpoint dir (default: the embedded model)")
     p.add_argument(
         "--gguf", type=Path, default=None, help="GGUF for llama.cpp (default: the embedded model's)"
@@ -238,7 +242,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     items = load_dataset(args.dataset, args.n)
     backend = load_backend(args.model, args.kv_store)
     engine = backend.engine
-    chunk_lists = [dataset_chunks(args.top_k)(it) for it in items]
+    source = dataset_chunks(args.top_k)
+    chunk_lists = [source(it) for it in items]
     n_ctx = max(
         len(engine.prompt_format.build(c, it["question"]).ids)
         for it, c in zip(items, chunk_lists, strict=True)
@@ -249,7 +254,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # full always runs: it is the answer reference.
     ours = [m for m in args.methods if m in BLENDRAG_METHODS]
     variants = build_variants(ours, args.ratios, ["preview"])  # the default selection
-    records = evaluate(backend, items, variants, dataset_chunks(args.top_k), args.max_new_tokens)
+    records = run_questions(backend, items, variants, source, args.max_new_tokens, timing_record)
     rows = method_rows(records, variants, peer_results)
     summary = summarize_methods(rows)
     print(format_table(summary))
@@ -260,8 +265,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "cores": os.cpu_count(),
             "threads": args.threads,
         }
-        settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-        report = {"settings": settings, "machine": machine, "summary": summary, "rows": rows}
+        report = {"settings": settings(args), "machine": machine, "summary": summary, "rows": rows}
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=1))
     if args.plot:

@@ -3,7 +3,7 @@ layers that run on every token up to the check layer, the other layers, which ru
 tokens only, selection) and,
 inside them, attention against the rest (projections and MLP), from the torch profiler.
 
-    python bench/profile_blend.py [--dataset ../shared/data/musique_dev.json] [--n 3] \\
+    python -m bench.profile_blend [--dataset ../shared/data/musique_dev.json] [--n 3] \\
         [--ratio 0.15] [--out runs/profile.json]
 
 It also states how close blend gets to its ideal speedup 1/(r(1-f) + f + q): f is the share of
@@ -20,6 +20,7 @@ from pathlib import Path
 from torch.profiler import ProfilerActivity, profile
 
 from blendrag import BlendConfig, BlendEngine
+from harness.data import DEFAULT_DATASET, load_prompts
 
 PHASES = (
     "blendrag.store_read",
@@ -30,11 +31,6 @@ PHASES = (
     "blendrag.select",
 )
 ATTENTION_OPS = ("scaled_dot_product", "flash_attention", "_efficient_attention")
-
-
-def prompts(dataset: Path, n: int, top_k: int) -> list[tuple[list[str], str]]:
-    items = json.loads(dataset.read_text())[:n]
-    return [([f"{c['title']}\n{c['text']}" for c in it["ctxs"][:top_k]], it["question"]) for it in items]
 
 
 def self_ms_by(events, match) -> float:
@@ -69,20 +65,20 @@ def profile_prefill(engine: BlendEngine, chunks: list[str], question: str, confi
     return {"phases_ms": phases, "attention_ms": attention, "ops_ms": total_self, "stats": pre.stats}
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--dataset", type=Path, default=Path("../shared/data/musique_dev.json"))
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m bench.profile_blend", description=__doc__.splitlines()[0])
+    p.add_argument("--dataset", type=Path, default=DEFAULT_DATASET)
     p.add_argument("--n", type=int, default=3)
     p.add_argument("--top-k", type=int, default=6)
     p.add_argument("--ratio", type=float, default=None, help="default: the engine's default config's")
     p.add_argument("--out", type=Path, default=None)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     # Foreground loading: a background load's store reads and realignment would run on a thread
-    # the profiler's phase labels do not see (bench/prefetch.py measures that overlap).
+    # the profiler's phase labels do not see (bench.prefetch measures that overlap).
     engine = BlendEngine.from_pretrained(store="memory", prefetch=False)
     config = BlendConfig() if args.ratio is None else BlendConfig(recompute_ratio=args.ratio)
     runs = []
-    for chunks, question in prompts(args.dataset, args.n, args.top_k):
+    for chunks, question in load_prompts(args.dataset, args.n, args.top_k):
         engine.precompute(chunks)
         engine.prefill(chunks, question, mode="blend", config=config)  # warm-up
         full_ttft = engine.prefill(chunks, question, mode="full").stats["ttft_s"]

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from eval.quality import dataset_chunks, load_backend, load_dataset
+from harness.data import load_prompts
+from harness.runner import load_backend
 
 
 def layer_report(full_v: torch.Tensor, reuse_v: torch.Tensor, ratio: float) -> list[dict[str, float]]:
@@ -48,14 +49,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--chunk-context", default="none", choices=["none", "prefix"])
     args = p.parse_args(argv)
     engine = load_backend(None, "memory", args.chunk_context).engine
-    source = dataset_chunks(args.top_k)
-    for item in load_dataset(args.dataset, args.n):
-        chunks = source(item)
-        full = engine.prefill(chunks, item["question"], mode="full")
-        reuse = engine.prefill(chunks, item["question"], mode="reuse")
+    for chunks, question in load_prompts(args.dataset, args.n, args.top_k):
+        full = engine.prefill(chunks, question, mode="full")
+        reuse = engine.prefill(chunks, question, mode="reuse")
         lo, hi = len(full.prompt.prefix), full.prompt.suffix_start
         rows = layer_report(full.kv.v[:, :, lo:hi], reuse.kv.v[:, :, lo:hi], args.ratio)
-        print(f"{item['question']}  ({hi - lo} chunk tokens)")
+        print(f"{question}  ({hi - lo} chunk tokens)")
         worst = f"worst {args.ratio:.0%} share"
         print(f"{'layer':>5}  {'rel. V error':>12}  {worst:>17}  {'overlap L1':>10}")
         for r in rows:

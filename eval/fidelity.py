@@ -26,8 +26,12 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from eval.metrics import kl_divergence, summarize
-from eval.quality import Backend, Item, Variant, dataset_chunks, load_backend, load_dataset
+from eval.metrics import kl_divergence
+from harness.data import Item, dataset_chunks, load_dataset
+from harness.report import settings
+from harness.runner import Backend, load_backend
+from harness.stats import summarize
+from harness.variants import Variant, parse_variants
 
 
 @dataclass
@@ -88,20 +92,6 @@ def load_reference(
     torch.save(ref.__dict__, tmp)
     tmp.replace(path)
     return ref
-
-
-def parse_variants(text: str) -> list[Variant]:
-    """``"reuse;deviation@0.15;attention,check_layer=2@0.3"`` -> variants."""
-    variants = []
-    for part in filter(None, (p.strip() for p in text.split(";"))):
-        if part in ("reuse", "prefix"):
-            variants.append(Variant(part, part))
-            continue
-        spec, sep, ratio = part.rpartition("@")
-        if not sep:
-            raise ValueError(f"blend variant {part!r} needs a ratio: SPEC@RATIO")
-        variants.append(Variant(part, "blend", float(ratio), spec))
-    return variants
 
 
 def score_variant(
@@ -217,10 +207,8 @@ def report(args: argparse.Namespace, summary: list[dict[str, Any]], records: lis
     """Write settings, summary and per-question records to ``args.out`` when given; print the table."""
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-        args.out.write_text(
-            json.dumps({"settings": settings, "summary": summary, "records": records}, indent=1)
-        )
+        written = {"settings": settings(args), "summary": summary, "records": records}
+        args.out.write_text(json.dumps(written, indent=1))
     print(format_table(summary))
 
 

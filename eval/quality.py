@@ -1,4 +1,4 @@
-"""Quality harness: answer quality, fidelity to full prefill, and TTFT of each reuse method.
+"""Answer quality, fidelity to full prefill, and TTFT of each reuse method, side by side.
 
     python -m eval.quality --dataset ../shared/data/musique_dev.json --n 20 \
         --out runs/quality.json --plot runs/quality.png
@@ -14,128 +14,19 @@ import dataclasses
 import json
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from tqdm import tqdm
 
-from eval.metrics import best_em, best_f1, best_rouge_l, f1_score, kl_divergence, summarize
-
-METHODS = ("full", "prefix", "reuse", "blend")
-REFERENCE = "full"
-
-Item = dict[str, Any]  # one dataset entry: {question, answers, ctxs: [{title, text}]}
-ChunkSource = Callable[[Item], list[str]]  # the plug point for a retrieval step
-
-
-@dataclass(frozen=True)
-class Variant:
-    """One column of the results: a prefill mode, plus ratio and selector for blend."""
-
-    name: str
-    mode: str
-    ratio: float | None = None
-    selector: str | None = None  # a config spec: "preview" or "deviation,check_layer=1,first_k=4"
-
-
-@dataclass
-class Backend:
-    """The engine under test and the config that blend variants are derived from."""
-
-    engine: Any  # BlendEngine, or any object with precompute / prefill / generate
-    base_config: Any  # a BlendConfig (frozen dataclass)
-
-    def config_for(self, variant: Variant) -> Any:
-        if variant.mode != "blend":
-            return None
-        return dataclasses.replace(
-            self.base_config, recompute_ratio=variant.ratio, **parse_spec(variant.selector)
-        )
-
-
-def parse_spec(spec: str | None) -> dict[str, Any]:
-    """``"attention,check_layer=2"`` -> ``{"selector": "attention", "check_layer": 2}``."""
-    overrides: dict[str, Any] = {}
-    for part in filter(None, (p.strip() for p in (spec or "").split(","))):
-        key, sep, value = part.partition("=")
-        if not sep:
-            overrides["selector"] = key
-            continue
-        try:
-            overrides[key] = int(value)
-        except ValueError:
-            overrides[key] = float(value) if value.replace(".", "", 1).isdigit() else value
-    return overrides
-
-
-@dataclass
-class Run:
-    """What one variant produced on one question."""
-
-    answer: str
-    logits: torch.Tensor
-    stats: dict[str, Any]
-
-
-def load_backend(model: str | None, kv_store: str | None = None, chunk_context: str = "none") -> Backend:
-    # Imported here so that the harness (and its tests) load without the engine's heavy imports.
-    from blendrag import BlendConfig, BlendEngine
-
-    engine = BlendEngine.from_pretrained(path=model, store=kv_store, chunk_context=chunk_context)
-    return Backend(engine, BlendConfig())
-
-
-def build_variants(
-    methods: Sequence[str], ratios: Sequence[float], selectors: Sequence[str]
-) -> list[Variant]:
-    """Reference first (every other variant is compared with it), then the methods in the given order."""
-    unknown = set(methods) - set(METHODS)
-    if unknown:
-        raise ValueError(f"unknown method(s) {sorted(unknown)}; choose from {', '.join(METHODS)}")
-    variants = [Variant(REFERENCE, REFERENCE)]
-    for method in dict.fromkeys(methods):
-        if method == "blend":
-            variants += [Variant(f"blend/{s}@{r:g}", "blend", r, s) for s in selectors for r in ratios]
-        elif method != REFERENCE:
-            variants.append(Variant(method, method))
-    return variants
-
-
-def chunk_text(ctx: dict[str, str]) -> str:
-    title = ctx.get("title", "").strip()
-    return f"{title}\n{ctx['text']}" if title else ctx["text"]
-
-
-def dataset_chunks(top_k: int) -> ChunkSource:
-    """Chunks as given by the dataset (its ctxs are already ranked); a retriever would replace this."""
-    return lambda item: [chunk_text(ctx) for ctx in item["ctxs"][:top_k]]
-
-
-def load_dataset(path: Path, n: int | None) -> list[Item]:
-    items = json.loads(path.read_text())
-    if not isinstance(items, list) or not all({"question", "answers", "ctxs"} <= set(it) for it in items):
-        raise ValueError(f"{path}: expected a JSON list of {{question, answers, ctxs}} objects")
-    return items[:n]
-
-
-def clean_answer(text: str) -> str:
-    """The model keeps talking after the answer; the first line is the answer."""
-    lines = text.strip().splitlines()
-    return lines[0].strip() if lines else ""
-
-
-def run_variant(
-    backend: Backend, chunks: list[str], question: str, variant: Variant, max_new_tokens: int
-) -> Run:
-    # The ratio goes both as argument and in the config so either precedence rule gives the same run.
-    kwargs = {"mode": variant.mode, "recompute_ratio": variant.ratio, "config": backend.config_for(variant)}
-    # TTFT and first-token logits are the prefill's, which generate reports.
-    out = backend.engine.generate(chunks, question, max_new_tokens=max_new_tokens, temperature=0.0, **kwargs)
-    return Run(clean_answer(out.text), out.first_logits, dict(out.stats))
+from eval.metrics import best_rouge_l, kl_divergence
+from harness.answers import best_em, best_f1, f1_score
+from harness.data import ChunkSource, Item, dataset_chunks, load_dataset
+from harness.report import settings
+from harness.runner import Backend, Run, load_backend, run_questions
+from harness.stats import summarize
+from harness.variants import METHODS, REFERENCE, Variant, build_variants, float_list, name_list
 
 
 def score_run(run: Run, golds: list[str], ref: Run) -> dict[str, Any]:
@@ -157,10 +48,7 @@ def score_run(run: Run, golds: list[str], ref: Run) -> dict[str, Any]:
     }
 
 
-def evaluate_question(
-    backend: Backend, item: Item, chunks: list[str], variants: list[Variant], max_new_tokens: int
-) -> dict[str, Any]:
-    runs = {v.name: run_variant(backend, chunks, item["question"], v, max_new_tokens) for v in variants}
+def question_record(item: Item, chunks: list[str], runs: dict[str, Run]) -> dict[str, Any]:
     ref = runs[REFERENCE]
     return {
         "question": item["question"],
@@ -168,41 +56,6 @@ def evaluate_question(
         "n_chunks": len(chunks),
         "results": {name: score_run(run, item["answers"], ref) for name, run in runs.items()},
     }
-
-
-def precompute_all(engine: Any, chunk_lists: list[list[str]]) -> int:
-    """Store every chunk's KV up front, so no timed prefill pays for a chunk it should find cached."""
-    return sum(engine.precompute(chunks) for chunks in tqdm(chunk_lists, desc="precompute", unit="q"))
-
-
-def evaluate(
-    backend: Backend,
-    items: list[Item],
-    variants: list[Variant],
-    chunk_source: ChunkSource,
-    max_new_tokens: int,
-    done: Sequence[dict[str, Any]] = (),
-    on_record: Callable[[list[dict[str, Any]]], None] | None = None,
-) -> list[dict[str, Any]]:
-    """Records of every item, in order. ``done`` are the records of a previous, interrupted run
-    (its first items, which are not run again); ``on_record`` sees the list after each question."""
-    records = list(done)
-    chunk_lists = [chunk_source(item) for item in items]
-    precompute_all(backend.engine, chunk_lists[len(records) :])
-    if len(items) > len(records):
-        # Warm-up (discarded), once per mode: a path's first call pays one-off costs (allocations,
-        # lazy init) that would otherwise land on the first question's TTFT.
-        first_of_mode: dict[str, Variant] = {}
-        for variant in variants:
-            first_of_mode.setdefault(variant.mode, variant)
-        for variant in first_of_mode.values():
-            run_variant(backend, chunk_lists[-1], items[-1]["question"], variant, 1)
-    pairs = list(zip(items, chunk_lists, strict=True))[len(records) :]
-    for item, chunks in tqdm(pairs, desc="questions", unit="q", initial=len(records), total=len(items)):
-        records.append(evaluate_question(backend, item, chunks, variants, max_new_tokens))
-        if on_record:
-            on_record(records)
-    return records
 
 
 def _mean(values: list[float]) -> float:
@@ -343,23 +196,13 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def _float_list(text: str) -> list[float]:
-    return [float(x) for x in text.split(",") if x.strip()]
-
-
-def _name_list(text: str) -> list[str]:
-    return [x.strip() for x in text.split(",") if x.strip()]
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m eval.quality", description=__doc__.splitlines()[0])
     p.add_argument("--dataset", type=Path, required=True, help="JSON list of {question, answers, ctxs}")
     p.add_argument("--n", type=int, default=None, help="first N questions (default: all)")
     p.add_argument("--top-k", type=int, default=6, help="chunks per question")
-    p.add_argument("--methods", type=_name_list, default=list(METHODS), help="comma-separated")
-    p.add_argument(
-        "--ratios", type=_float_list, default=[0.05, 0.1, 0.15, 0.3], help="blend recompute ratios"
-    )
+    p.add_argument("--methods", type=name_list, default=list(METHODS), help="comma-separated")
+    p.add_argument("--ratios", type=float_list, default=[0.05, 0.1, 0.15, 0.3], help="blend recompute ratios")
     p.add_argument(
         "--configs",
         type=lambda t: [x.strip() for x in t.split(";") if x.strip()],
@@ -396,16 +239,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 _RESUMABLE = {"n", "out", "plot", "resume"}
 
 
-def _settings(args: argparse.Namespace) -> dict[str, Any]:
-    return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-
-
 def write_report(
     args: argparse.Namespace, variants: list[Variant], records: list[dict[str, Any]], complete: bool
 ) -> None:
     """The JSON report, replaced atomically: a run killed mid-write leaves the previous one."""
     report = {
-        "settings": _settings(args),
+        "settings": settings(args),
         "complete": complete,
         "summary": summarize_all(records, variants),
         "records": records,
@@ -421,7 +260,7 @@ def resumed_records(args: argparse.Namespace, items: list[Item]) -> list[dict[st
     if not (args.resume and args.out and args.out.exists()):
         return []
     report = json.loads(args.out.read_text())
-    mine, theirs = _settings(args), report.get("settings", {})
+    mine, theirs = settings(args), report.get("settings", {})
     differing = sorted(k for k in mine.keys() - _RESUMABLE if theirs.get(k) != mine[k])
     if differing:
         raise ValueError(f"--resume: {args.out} was run with other settings ({', '.join(differing)})")
@@ -464,7 +303,9 @@ def main(argv: Sequence[str] | None = None, backend_factory: Callable[..., Backe
         raise SystemExit(f"error: {err}") from None
     checkpoint = (lambda records: write_report(args, variants, records, complete=False)) if args.out else None
     source = chunk_source(args, backend, items)
-    records = evaluate(backend, items, variants, source, args.max_new_tokens, done, checkpoint)
+    records = run_questions(
+        backend, items, variants, source, args.max_new_tokens, question_record, done, checkpoint
+    )
     summary = summarize_all(records, variants)
     print(format_table(summary))
     if args.out:

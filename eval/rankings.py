@@ -32,7 +32,9 @@ from blendrag.forward import LayerView, run_layers
 from blendrag.kvbuffer import KVBuffer
 from blendrag.selection import question_attention
 from eval.fidelity import add_screen_args, load_reference, report, score_variant, summarize_all
-from eval.quality import Backend, Item, Variant, _float_list, dataset_chunks, load_backend, load_dataset
+from harness.data import Item, dataset_chunks, load_dataset
+from harness.runner import Backend, load_backend
+from harness.variants import Variant, float_list
 
 Ranking = Callable[[dict[str, torch.Tensor]], torch.Tensor]
 
@@ -137,7 +139,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m eval.rankings", description=__doc__.splitlines()[0])
     add_screen_args(p)
     p.add_argument("--n", type=int, default=20)
-    p.add_argument("--ratios", type=_float_list, default=[0.15])
+    p.add_argument("--ratios", type=float_list, default=[0.15])
     p.add_argument(
         "--rankings", default=",".join(RANKINGS), help=f"comma-separated, of {', '.join(RANKINGS)}"
     )

@@ -2,11 +2,10 @@
 
 import json
 
-import pytest
-
 from blendrag import BlendConfig
 from eval import fidelity
-from eval.quality import Backend, Variant
+from harness.runner import Backend
+from harness.variants import parse_variants
 
 ITEMS = [
     {
@@ -29,18 +28,9 @@ ITEMS = [
 ]
 
 
-def test_parse_variants():
-    assert fidelity.parse_variants("reuse; deviation,first_k=4@0.15") == [
-        Variant("reuse", "reuse"),
-        Variant("deviation,first_k=4@0.15", "blend", 0.15, "deviation,first_k=4"),
-    ]
-    with pytest.raises(ValueError, match="needs a ratio"):
-        fidelity.parse_variants("deviation")
-
-
 def test_identical_is_exact_and_references_are_cached(tiny_engine, tmp_path, monkeypatch):
     backend = Backend(tiny_engine, BlendConfig())
-    variants = fidelity.parse_variants("preview@1.0;reuse")
+    variants = parse_variants("preview@1.0;reuse")
     records = fidelity.evaluate(backend, ITEMS, variants, top_k=3, max_new_tokens=8, cache=tmp_path)
     for item, record in zip(ITEMS, records, strict=True):
         exact = record["results"]["preview@1.0"]

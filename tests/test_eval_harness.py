@@ -7,6 +7,8 @@ import pytest
 import torch
 
 from eval import quality
+from harness.data import write_corpus
+from harness.runner import Backend
 
 FULL_LOGITS = torch.tensor([2.0, 0.0, 0.0])
 FLAT_LOGITS = torch.zeros(3)
@@ -86,7 +88,7 @@ def dataset(tmp_path):
 
 
 def _run_main(args, engine):
-    return quality.main(args, backend_factory=lambda *_: quality.Backend(engine, FakeConfig()))
+    return quality.main(args, backend_factory=lambda *_: Backend(engine, FakeConfig()))
 
 
 def _reject_constant(name):
@@ -205,7 +207,7 @@ def test_bad_selector_fails_before_any_engine_work(dataset):
 
 
 def test_retrieve_mode_indexes_the_passages_once_and_retrieves_per_question(tiny_engine, tmp_path):
-    from eval.retrieve import retrieved_chunks, write_corpus
+    from eval.retrieve import retrieved_chunks
 
     items = [
         {
@@ -225,7 +227,7 @@ def test_retrieve_mode_indexes_the_passages_once_and_retrieves_per_question(tiny
             ],
         },
     ]
-    assert write_corpus(items, tmp_path / "c.jsonl") == 3  # the shared passage once
+    assert write_corpus(items, tmp_path / "c.jsonl", distinct=True) == 3  # the shared passage once
     source = retrieved_chunks(tiny_engine, items, tmp_path / "index", top_k=2)
     assert "Sarn" in source(items[0])[0]
     assert "1921" in source(items[1])[0]

@@ -3,53 +3,8 @@ import math
 import pytest
 import torch
 
-from eval.metrics import (
-    best_em,
-    best_f1,
-    best_rouge_l,
-    exact_match,
-    f1_score,
-    kl_divergence,
-    normalize_answer,
-    rouge_l,
-    summarize,
-)
-
-
-def test_normalize_drops_case_punctuation_articles_and_spaces():
-    assert normalize_answer("  The  Eiffel-Tower, in   Paris! ") == "eiffeltower in paris"
-    assert normalize_answer("An apple a day") == "apple day"
-    # Articles are whole words only: "theater" and "anna" keep their letters.
-    assert normalize_answer("Theater of Anna") == "theater of anna"
-
-
-def test_exact_match_after_normalization():
-    assert exact_match("The Beatles.", "beatles") == 1.0
-    assert exact_match("Beatles band", "beatles") == 0.0
-
-
-def test_f1_partial_overlap():
-    # pred: {exeter, college, oxford}, gold: {exeter, college}: P = 2/3, R = 1 -> F1 = 0.8
-    assert f1_score("Exeter College, Oxford", "Exeter College") == pytest.approx(0.8)
-    assert f1_score("Oxford", "Exeter College") == 0.0
-
-
-def test_f1_counts_repeated_tokens_once_per_occurrence():
-    # overlap of "paris paris" with "paris" is 1: P = 1/2, R = 1 -> 2/3
-    assert f1_score("paris paris", "paris") == pytest.approx(2 / 3)
-
-
-def test_f1_empty_answers():
-    assert f1_score("", "the") == 1.0  # both normalize to nothing
-    assert f1_score("", "Paris") == 0.0
-
-
-def test_best_over_golds_takes_the_best_match():
-    golds = ["Exeter College", "Oxford University"]
-    assert best_f1("University of Oxford", golds) == pytest.approx(0.8)
-    assert best_em("exeter college", golds) == 1.0
-    assert best_em("Cambridge", golds) == 0.0
-    assert best_f1("anything", []) == 0.0
+from eval.metrics import best_rouge_l, kl_divergence, rouge_l
+from harness.answers import f1_score
 
 
 def test_rouge_l_known_value():
@@ -86,15 +41,6 @@ def test_kl_is_stable_for_extreme_float16_logits():
     p = torch.tensor([60000.0, -60000.0], dtype=torch.float16)
     assert math.isfinite(kl_divergence(p, torch.zeros(2)))
     assert kl_divergence(p, torch.zeros(2)) == pytest.approx(math.log(2.0))
-
-
-def test_summarize_mean_and_percentiles():
-    stats = summarize([4.0, 1.0, 3.0, 2.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0])
-    assert stats["mean"] == pytest.approx(5.5)
-    assert stats["p50"] == pytest.approx(5.5)
-    assert stats["p90"] == pytest.approx(9.1)  # 9 + 0.1 * (10 - 9), linear interpolation
-    assert summarize([2.0]) == {"mean": 2.0, "p50": 2.0, "p90": 2.0}
-    assert all(math.isnan(v) for v in summarize([]).values())
 
 
 def test_deviation_layer_report_on_known_errors():

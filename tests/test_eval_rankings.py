@@ -8,7 +8,8 @@ from test_eval_fidelity import ITEMS
 
 from blendrag import BlendConfig
 from eval import fidelity, rankings
-from eval.quality import Backend
+from harness.runner import Backend
+from harness.variants import parse_variants
 
 
 def chunks_of(item):
@@ -35,7 +36,7 @@ def test_the_preview_ranking_is_the_engines_own_preview(tiny_engine, tmp_path):
     default selector: proof that the rankings really drive the engine's selection."""
     backend = Backend(tiny_engine, BlendConfig())
     records = rankings.evaluate(backend, ITEMS, ["preview", "oracle_error"], [0.3], 3, 8, tmp_path)
-    own = fidelity.evaluate(backend, ITEMS, fidelity.parse_variants("preview@0.3"), 3, 8, tmp_path)
+    own = fidelity.evaluate(backend, ITEMS, parse_variants("preview@0.3"), 3, 8, tmp_path)
     for ranked, engine_run in zip(records, own, strict=True):
         a, b = ranked["results"]["preview@0.3"], engine_run["results"]["preview@0.3"]
         assert a["first_miss"] == b["first_miss"]

@@ -1,4 +1,4 @@
-"""eval/load.py for a few seconds against a real uvicorn server (tiny model)."""
+"""bench.load for a few seconds against a real uvicorn server (tiny model)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import os
 import pytest
 from test_api_server import QUESTIONS, ServerThread
 
+from bench.load import Settings, run_load
 from blendrag.api.app import create_app
-from eval.load import Settings, run_load
 
 
 def test_short_load_run_has_no_errors_and_matches_sequential_answers(tiny_engine, new_sample_index):

@@ -15,7 +15,7 @@ from conftest import SAMPLE_CORPUS
 
 from blendrag import BlendEngine
 from blendrag.vllm import blend_request
-from eval.quality import chunk_text
+from harness.data import chunk_text
 
 vllm = pytest.importorskip("vllm")
 

@@ -1,6 +1,6 @@
 """TTFT of vLLM alone against vLLM with blendrag's ``BlendConnector``, on the same token ids.
 
-    python -m eval.vllm_ttft --dataset ../shared/data/musique_dev.json --n 20 --out runs/vllm.json
+    python -m bench.vllm_ttft --dataset ../shared/data/musique_dev.json --n 20 --out runs/vllm.json
 
 Every question's chunk KV is precomputed into the store first (indexing time, not timed). Then
 one ``LLM`` (the connector loaded) answers each question plainly (no chunk structure: vLLM's full
@@ -19,18 +19,21 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from eval.metrics import best_f1, summarize
-from eval.quality import _float_list, clean_answer, dataset_chunks, load_dataset
+from harness.answers import best_f1, clean_answer
+from harness.data import dataset_chunks, load_dataset
+from harness.report import settings
+from harness.stats import summarize
+from harness.variants import float_list
 
 PLAIN = "plain"
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m eval.vllm_ttft", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m bench.vllm_ttft", description=__doc__.splitlines()[0])
     p.add_argument("--dataset", type=Path, required=True, help="JSON list of {question, answers, ctxs}")
     p.add_argument("--n", type=int, default=20, help="first N questions")
     p.add_argument("--top-k", type=int, default=6, help="chunks per question")
-    p.add_argument("--ratios", type=_float_list, default=[1.0, 0.3, 0.15, 0.05])
+    p.add_argument("--ratios", type=float_list, default=[1.0, 0.3, 0.15, 0.05])
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--store", default=None, help="KV store directory (default: a fresh temporary one)")
     p.add_argument("--kvcache-gib", default="2", help="VLLM_CPU_KVCACHE_SPACE")
@@ -125,8 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def write_report(args: argparse.Namespace, records: list[dict[str, Any]]) -> None:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-        report = {"settings": settings, "summary": summarize_runs(records), "records": records}
+        report = {"settings": settings(args), "summary": summarize_runs(records), "records": records}
         args.out.write_text(json.dumps(report, indent=1))
 
 

@@ -1,6 +1,6 @@
 """TTFT when chunk KV comes from local memory, from Redis, or is recomputed, side by side.
 
-    python -m eval.kv_tiers --index-dir INDEX --redis redis://127.0.0.1:6379/0 --repeats 3 \
+    python -m bench.kv_tiers --index-dir INDEX --redis redis://127.0.0.1:6379/0 --repeats 3 \
         --out runs/kv_tiers.json
 
 For each sample question the top-k chunks are retrieved once; then, in turn for every question
@@ -13,19 +13,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 from pathlib import Path
-
-import numpy as np
 
 from blendrag import BlendEngine
 from blendrag.retriever import Retriever
 from blendrag.store import MemoryStore, RedisStore, TieredStore
-
-QUESTIONS = Path(__file__).resolve().parents[1] / "blendrag" / "samples" / "questions.json"
+from harness.data import sample_questions
+from harness.stats import summarize
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m bench.kv_tiers", description=__doc__.splitlines()[0])
     p.add_argument("--index-dir", type=Path, required=True)
     p.add_argument("--redis", required=True, help="redis:// URL of a server to use (its keys get a prefix)")
     p.add_argument("--top-k", type=int, default=4)
@@ -34,7 +33,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
 
-    questions = [q["question"] for q in json.loads(QUESTIONS.read_text())][: args.n]
+    questions = sample_questions()[: args.n]
     retriever = Retriever(args.index_dir)
     prompts = [(q, [c.text for c in retriever.search(q, args.top_k)]) for q in questions]
     remote = RedisStore(args.redis, prefix="blendrag:kv-tiers:")
@@ -61,8 +60,8 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "prompts": len(prompts),
         "repeats": args.repeats,
-        "mean_prompt_tokens": float(np.mean([len(engine.prompt_format.build(c, q).ids) for q, c in prompts])),
-        "ttft_s": {name: _summary(values) for name, values in ttft.items()},
+        "mean_prompt_tokens": statistics.fmean(len(engine.prompt_format.build(c, q).ids) for q, c in prompts),
+        "ttft_s": {name: summarize(values) for name, values in ttft.items()},
         "chunk_hits": hits,
         "redis_unavailable": remote.stats["unavailable"],
     }
@@ -71,11 +70,6 @@ def main(argv: list[str] | None = None) -> dict:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2))
     return result
-
-
-def _summary(values: list[float]) -> dict:
-    a = np.asarray(values)
-    return {"mean": float(a.mean()), "p50": float(np.percentile(a, 50)), "p90": float(np.percentile(a, 90))}
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Load test of a running gateway on loopback: N concurrent clients for T seconds.
 
-    python -m eval.load --url http://127.0.0.1:8000 --clients 8 --duration 60 --mode blend \
+    python -m bench.load --url http://127.0.0.1:8000 --clients 8 --duration 60 --mode blend \
         --server-pid PID --out runs/load-blend-8.json
 
 First each question is asked once, alone (``--no-warmup`` skips it), so the timed phase sees the
@@ -30,10 +30,11 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import httpx
-import numpy as np
+
+from harness.data import SAMPLE_QUESTIONS, sample_questions
+from harness.stats import summarize
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
-QUESTIONS = Path(__file__).resolve().parents[1] / "blendrag" / "samples" / "questions.json"
 MAX_DURATION_S = 600
 KINDS = ("query", "stream", "add")
 
@@ -222,14 +223,7 @@ def rss_summary(rss: list[float | None]) -> dict | None:
 def percentiles(values: list[float]) -> dict:
     if not values:
         return {"n": 0}
-    a = np.asarray(values)
-    return {
-        "n": len(a),
-        "p50": float(np.percentile(a, 50)),
-        "p99": float(np.percentile(a, 99)),
-        "mean": float(a.mean()),
-        "max": float(a.max()),
-    }
+    return {"n": len(values), **summarize(values, (50, 99)), "max": max(values)}
 
 
 def report(s: Settings, records: list[Record], elapsed: float, mismatches, rss, metrics: str) -> dict:
@@ -255,7 +249,7 @@ def report(s: Settings, records: list[Record], elapsed: float, mismatches, rss, 
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m bench.load", description=__doc__.splitlines()[0])
     p.add_argument("--url", default="http://127.0.0.1:8000")
     p.add_argument("--clients", type=int, default=8)
     p.add_argument("--duration", type=float, default=30.0, help=f"seconds (at most {MAX_DURATION_S})")
@@ -264,7 +258,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--top-k", type=int, default=4)
     p.add_argument("--mix", default="query=0.6,stream=0.35,add=0.05", help="weights of query, stream, add")
-    p.add_argument("--questions", type=Path, default=QUESTIONS, help="JSON list of {question}")
+    p.add_argument("--questions", type=Path, default=SAMPLE_QUESTIONS, help="JSON list of {question}")
     p.add_argument("--server-pid", type=int, help="sample this process's RSS")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-warmup", action="store_true", help="skip asking each question once before timing")
@@ -286,7 +280,7 @@ def main(argv: list[str] | None = None) -> dict:
         args.server_pid,
         not args.no_warmup,
     )
-    questions = [q["question"] for q in json.loads(args.questions.read_text())]
+    questions = sample_questions(args.questions)
     result = asyncio.run(run_load(settings, questions))
     summary = {k: v for k, v in result.items() if k != "ttft_histogram"}
     print(json.dumps(summary, indent=2))
