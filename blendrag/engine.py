@@ -4,10 +4,9 @@ Chunk KV ("segments") is computed once and kept in a ``KVStore``. A segment is a
 computed right after a *context* (tokens that precede it at precompute time and whose KV it
 attended to). ``chunk_context="none"`` (the default) prefills each chunk alone from position 0;
 ``"prefix"`` prefills it right after the prompt prefix (system prompt + instruction), which makes
-the first chunk of a prompt exact (same tokens, positions and context as a full prefill) but, on
-20 MuSiQue questions with SmolLM2, gave blend a higher first-token KL (0.208 vs 0.147) and fewer
-answers identical to full (15 % vs 25 %): the evaluation chose "none". The prefix itself is a
-segment with an empty context.
+the first chunk of a prompt exact (same tokens, positions and context as a full prefill) but
+leaves blend further from full prefill (docs/decisions/0002-chunk-context-none.md). The prefix
+itself is a segment with an empty context.
 """
 
 from __future__ import annotations
