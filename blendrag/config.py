@@ -14,7 +14,7 @@ SELECTORS: tuple[str, ...] = ("deviation", "attention", "attention_deviation", "
 @dataclass(frozen=True)
 class BlendConfig:
     """How ``blend`` picks the chunk tokens it recomputes. The defaults are what the evaluation
-    chose on MuSiQue with SmolLM2-135M (README, "Choosing the selection").
+    chose on MuSiQue with SmolLM2-135M (docs/decisions/0001-preview-selection.md).
 
     recompute_ratio: share of chunk tokens recomputed in the layers after the check layer.
     check_layer: layers ``0..check_layer-1`` run on every token, and at ``check_layer`` every
