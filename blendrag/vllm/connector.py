@@ -15,7 +15,8 @@ paged blocks with the attention backend's own cache-update op, so the backend's 
 guessed. vLLM then computes the last prompt token over that KV and decodes as usual.
 
 The worker-side engine loads its own copy of the weights (blendrag's layer-by-layer model is not
-vLLM's fused modules): one more copy of the model in memory.
+vLLM's fused modules): one more copy of the model in memory
+(docs/decisions/0004-vllm-connector-own-weights.md).
 """
 
 from __future__ import annotations
@@ -120,8 +121,7 @@ class BlendConnector(KVConnectorBase_V1):
                 chunk_context=self.cfg.chunk_context,  # type: ignore[arg-type]
                 # Load reused KV before the layer loop, not on a thread beside it: in vLLM's CPU
                 # worker, whose OpenMP threads are bound to the cores, the loader thread's torch
-                # ops slowed the blend by ~25 % (3 questions, r=0.15), and on two cores it saved no
-                # time in blendrag's own engine either (README, "Layer-wise loading").
+                # ops slow the blend (docs/decisions/0003-vllm-connector-loads-kv-up-front.md).
                 prefetch=False,
             )
 
