@@ -91,10 +91,9 @@ def selective_mask(positions: torch.Tensor, length: int) -> torch.Tensor | Block
     """The causal-by-position mask for ``selective_attention``, built once per active set and
     shared by all layers: a FlexAttention ``BlockMask`` on CUDA, a boolean ``[n, length]`` on CPU.
 
-    CPU stays on SDPA although compiled Flex is faster per call there (bench/kernels_cpu.py, 560
-    queries over 3.7K keys: 40 ms against 51 ms):
-    Flex compiles for seconds per new (n, length), which every request brings, and torch 2.13's
-    CPU inductor fails to build its dynamic-shape recompile."""
+    CPU stays on SDPA although compiled Flex is faster per call there: Flex compiles for seconds
+    per new (n, length), which every request brings, and torch 2.13's CPU inductor fails to build
+    its dynamic-shape recompile (docs/decisions/0005-cpu-selective-attention-sdpa.md)."""
     if _use_triton(positions):
         from .flex import block_mask
 
