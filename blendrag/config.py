@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
+# The prefill modes (see BlendEngine) and selectors, each listed once: the tuples are the Literals'.
 Mode = Literal["full", "prefix", "reuse", "blend"]
-MODES: tuple[str, ...] = ("full", "prefix", "reuse", "blend")
+MODES: tuple[Mode, ...] = get_args(Mode)
 Selector = Literal["deviation", "attention", "attention_deviation", "preview"]
-SELECTORS: tuple[str, ...] = ("deviation", "attention", "attention_deviation", "preview")
+SELECTORS: tuple[Selector, ...] = get_args(Selector)
 
 
 @dataclass(frozen=True)

@@ -27,9 +27,11 @@ from .forward import run_layers
 from .kvbuffer import KVBuffer
 from .loading import LoadedModel, blendrag_home, load_model
 from .prompt import PromptFormat, RAGPrompt
+from .request import DEFAULT_MAX_NEW_TOKENS, MAX_QUESTION_CHARS, PromptLimits
 from .rope import Rotary
 from .sampling import Detokenizer, Sampler, SamplingParams
 from .selection import plan_selection, preview_attention
+from .stats import GenerationStats, PrefillStats
 from .store import KVStore, open_store
 from .store.base import ChunkKV, LayeredKV
 
@@ -39,7 +41,7 @@ ChunkContext = Literal["prefix", "none"]
 @dataclass
 class Prefill:
     logits: torch.Tensor  # next-token logits at the last prompt position, [vocab], fp32
-    stats: dict
+    stats: PrefillStats
     prompt: RAGPrompt
     kv: KVBuffer = field(repr=False)
 
@@ -48,9 +50,10 @@ class Prefill:
 class Generation:
     text: str
     token_ids: list[int]
-    stats: dict
+    stats: GenerationStats
     finish_reason: str  # "stop" (EOS or stop string) or "length"
-    first_logits: torch.Tensor = field(repr=False)  # the prefill's logits, for quality metrics
+    # The prefill's logits, for quality metrics; None from a backend that does not hand them back (vLLM).
+    first_logits: torch.Tensor | None = field(default=None, repr=False)
 
 
 class GenerationStream:
@@ -81,6 +84,7 @@ class BlendEngine:
         prompt_format: PromptFormat | None = None,
         chunk_context: ChunkContext = "none",
         prefetch: bool = True,
+        max_question_chars: int = MAX_QUESTION_CHARS,
     ) -> None:
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
@@ -94,6 +98,7 @@ class BlendEngine:
         self.rotary = Rotary(loaded.config, self.model.args.head_dim)
         self.dtype = next(self.model.parameters()).dtype
         self.eos_ids = _eos_ids(loaded)
+        self.limits = PromptLimits(loaded.config.max_position_embeddings, max_question_chars)
 
     @classmethod
     def from_pretrained(
@@ -107,18 +112,20 @@ class BlendEngine:
         chunk_context: ChunkContext = "none",
         prompt_format: PromptFormat | None = None,
         prefetch: bool = True,
+        max_question_chars: int = MAX_QUESTION_CHARS,
     ) -> BlendEngine:
         """Load a Llama-family checkpoint (default: the embedded SmolLM2-135M-Instruct).
 
         ``store`` is a ``KVStore`` or a spec for ``open_store`` (None: memory in front of
-        ``$BLENDRAG_HOME/kv``)."""
+        ``$BLENDRAG_HOME/kv``). ``max_question_chars``: the longest question a prompt may hold
+        (``limits``, which every front end's request is checked against)."""
         if threads is not None:
             torch.set_num_threads(threads)
         if store is None or isinstance(store, str):
             store = open_store(store or str(blendrag_home() / "kv"))
         loaded = load_model(path, dtype)
         pf = prompt_format or PromptFormat(loaded.tokenizer)
-        return cls(loaded, store, config, pf, chunk_context, prefetch)
+        return cls(loaded, store, config, pf, chunk_context, prefetch, max_question_chars)
 
     # ---- chunk KV -------------------------------------------------------------------------
 
@@ -178,6 +185,15 @@ class BlendEngine:
         cfg = config or self.config
         return cfg if recompute_ratio is None else replace(cfg, recompute_ratio=recompute_ratio)
 
+    def build_prompt(self, chunks: list[str], question: str, max_new_tokens: int = 0) -> RAGPrompt:
+        """The RAG prompt, refused before any compute (``InvalidRequest``, ``PromptTooLong``) when
+        the question or the prompt with ``max_new_tokens`` more tokens is over ``limits``. Every
+        prompt any front end or backend runs is built here."""
+        self.limits.check_question(question)
+        prompt = self.prompt_format.build(chunks, question)
+        self.limits.check_prompt(len(prompt.ids), max_new_tokens)
+        return prompt
+
     @torch.inference_mode()
     def prefill(
         self,
@@ -194,7 +210,7 @@ class BlendEngine:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         cfg = self._resolve_config(recompute_ratio, config)
         start = time.perf_counter()
-        prompt = self.prompt_format.build(chunks, question)
+        prompt = self.build_prompt(chunks, question, max_new_tokens)
         # Room after the prompt: decoding's tokens, or the preview's draft tokens.
         capacity = len(prompt.ids) + max(max_new_tokens, cfg.preview_draft)
         try:
@@ -205,16 +221,16 @@ class BlendEngine:
             buf, out, hits, misses = self._run_prefill(mode, cfg, prompt, capacity)
         logits = self.model.logits(out.last_hidden)
         n = len(prompt.ids)
-        stats = {
-            "mode": mode,
-            "n_tokens": n,
-            "n_recomputed": out.n_active_per_layer[-1],
-            "compute_fraction": sum(out.n_active_per_layer) / (n * len(out.n_active_per_layer)),
-            "cache_hits": hits,
-            "cache_misses": misses,
-            "load_stall_s": buf.load_stall_s,
-            "ttft_s": time.perf_counter() - start,
-        }
+        stats = PrefillStats(
+            mode=mode,
+            n_tokens=n,
+            n_recomputed=out.n_active_per_layer[-1],
+            compute_fraction=sum(out.n_active_per_layer) / (n * len(out.n_active_per_layer)),
+            cache_hits=hits,
+            cache_misses=misses,
+            load_stall_s=buf.load_stall_s,
+            ttft_s=time.perf_counter() - start,
+        )
         return Prefill(logits, stats, prompt, buf)
 
     def _run_prefill(self, mode: Mode, cfg: BlendConfig, prompt: RAGPrompt, capacity: int):
@@ -286,7 +302,7 @@ class BlendEngine:
         mode: Mode = "blend",
         recompute_ratio: float | None = None,
         config: BlendConfig | None = None,
-        max_new_tokens: int = 64,
+        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
         temperature: float = 0.0,
         top_p: float = 1.0,
         seed: int | None = None,
@@ -294,11 +310,20 @@ class BlendEngine:
     ) -> GenerationStream:
         """Prefill lazily on first iteration, then yield text pieces as they are decoded."""
         params = SamplingParams(max_new_tokens, temperature, top_p, seed, tuple(stop))
-        return GenerationStream(self._decode(chunks, question, mode, recompute_ratio, config, params))
+        return self.decode(chunks, question, mode, self._resolve_config(recompute_ratio, config), params)
+
+    def decode(
+        self, chunks: list[str], question: str, mode: Mode, config: BlendConfig | None, params: SamplingParams
+    ) -> GenerationStream:
+        """``stream`` with its settings as the typed values a ``RAGRequest`` holds (``config``
+        None: the engine's own)."""
+        return GenerationStream(self._decode(chunks, question, mode, config, params))
 
     @torch.inference_mode()
-    def _decode(self, chunks, question, mode, recompute_ratio, config, params: SamplingParams):
-        pre = self.prefill(chunks, question, mode, recompute_ratio, config, params.max_new_tokens)
+    def _decode(
+        self, chunks: list[str], question: str, mode: Mode, config: BlendConfig | None, params: SamplingParams
+    ):
+        pre = self.prefill(chunks, question, mode, config=config, max_new_tokens=params.max_new_tokens)
         sample, detok = Sampler(params), Detokenizer(self.tokenizer, params.stop)
         start, finish = time.perf_counter(), "length"
         logits = pre.logits
@@ -313,7 +338,8 @@ class BlendEngine:
                 break
             logits = self._step(pre.kv, token)
         yield detok.flush()
-        stats = dict(pre.stats, n_generated=len(detok.ids), decode_s=time.perf_counter() - start)
+        decode_s = time.perf_counter() - start
+        stats = GenerationStats(**pre.stats.to_dict(), n_generated=len(detok.ids), decode_s=decode_s)
         yield Generation(detok.text, detok.ids, stats, finish, pre.logits)
 
     @torch.inference_mode()

@@ -1,26 +1,12 @@
-"""Next-token choice and incremental detokenization with stop strings."""
+"""Next-token choice (``SamplingParams``, which the request holds) and incremental detokenization
+with stop strings."""
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
-
-@dataclass(frozen=True)
-class SamplingParams:
-    max_new_tokens: int = 64
-    temperature: float = 0.0  # 0 = greedy
-    top_p: float = 1.0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-
-    def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ValueError("max_new_tokens must be >= 1")
-        if self.temperature < 0 or not 0 < self.top_p <= 1:
-            raise ValueError("temperature must be >= 0 and top_p in (0, 1]")
+from .request import SamplingParams
 
 
 class Sampler:

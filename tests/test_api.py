@@ -71,32 +71,70 @@ def test_query_modes(client, mode):
     assert r.status_code == 200 and r.json()["stats"]["mode"] == mode
 
 
+CHAT = {"messages": [{"role": "user", "content": QUESTION}]}
+
+
 @pytest.mark.parametrize(
-    ("body", "field"),
+    ("path", "body", "field"),
     [
-        ({"question": ""}, "question"),
-        ({"question": "   "}, "question"),
-        ({"question": "x" * 4001}, "question"),
-        ({"question": QUESTION, "top_k": 0}, "top_k"),
-        ({"question": QUESTION, "top_k": 1000}, "top_k"),
-        ({"question": QUESTION, "recompute_ratio": 1.5}, "recompute_ratio"),
-        ({"question": QUESTION, "mode": "fastest"}, "mode"),
-        ({"question": QUESTION, "max_tokens": 0}, "max_tokens"),
-        ({"question": QUESTION, "colour": "red"}, "colour"),
-        ({}, "question"),
+        ("/query", {"question": ""}, "question"),
+        ("/query", {"question": "   "}, "question"),
+        ("/query", {"question": 5}, "question"),
+        ("/query", {"question": "x" * 4001}, "question"),  # the engine's limit, before retrieval
+        ("/query", {"question": QUESTION, "top_k": 0}, "top_k"),
+        ("/query", {"question": QUESTION, "top_k": 1000}, "top_k"),
+        ("/query", {"question": QUESTION, "top_k": True}, "top_k"),  # strict: no bool for an int
+        ("/query", {"question": QUESTION, "top_k": "4"}, "top_k"),
+        ("/query", {"question": QUESTION, "recompute_ratio": 1.5}, "recompute_ratio"),
+        ("/query", {"question": QUESTION, "recompute_ratio": -0.1}, "recompute_ratio"),
+        ("/query", {"question": QUESTION, "recompute_ratio": "0.5"}, "recompute_ratio"),
+        ("/query", {"question": QUESTION, "mode": "fastest"}, "mode"),
+        ("/query", {"question": QUESTION, "max_tokens": 0}, "max_tokens"),
+        ("/query", {"question": QUESTION, "max_tokens": 1025}, "max_tokens"),
+        ("/query", {"question": QUESTION, "max_tokens": 8.0}, "max_tokens"),
+        ("/query", {"question": QUESTION, "temperature": "0"}, "temperature"),
+        ("/query", {"question": QUESTION, "stream": "yes"}, "stream"),  # strict: no string for a bool
+        ("/query", {"question": QUESTION, "stream": 1}, "stream"),
+        ("/query", {"question": QUESTION, "colour": "red"}, "colour"),
+        ("/query", {}, "question"),
+        ("/search", {"query": "x" * 4001}, "query"),
+        ("/search", {"query": QUESTION, "top_k": False}, "top_k"),
+        ("/v1/chat/completions", {"messages": []}, "messages"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x" * 4001}]}, "question"),
+        ("/v1/chat/completions", dict(CHAT, documents=[]), "documents"),  # no answer without context
+        ("/v1/chat/completions", dict(CHAT, documents=[""]), "documents.0"),
+        ("/v1/chat/completions", dict(CHAT, stream="yes"), "stream"),
+        ("/v1/chat/completions", dict(CHAT, top_k=True), "top_k"),
+        ("/v1/chat/completions", dict(CHAT, max_tokens=True), "max_tokens"),
+        ("/v1/chat/completions", dict(CHAT, seed="7"), "seed"),
+        ("/v1/chat/completions", dict(CHAT, n=2), "n"),
+        ("/v1/chat/completions", dict(CHAT, recompute_ratio=2), "recompute_ratio"),
+        ("/v1/chat/completions", dict(CHAT, mode="fastest"), "mode"),
     ],
 )
-def test_query_validation_is_422_with_a_clear_message(client, body, field):
-    r = client.post("/query", json=body)
+def test_bad_input_is_422_with_a_clear_message(client, path, body, field):
+    r = client.post(path, json=body)
     assert r.status_code == 422
     error = r.json()["error"]
     assert error["param"] == field and field in error["message"]
     assert error["type"] == "invalid_request_error" and error["request_id"] == r.headers["x-request-id"]
 
 
-def test_malformed_json_is_422(client):
-    r = client.post("/query", content=b"{not json", headers={"content-type": "application/json"})
-    assert r.status_code == 422 and r.json()["error"]["message"]
+@pytest.mark.parametrize(
+    ("content", "content_type", "message"),
+    [
+        (b"{not json", "application/json", "the body is not valid JSON: Expecting property name"),
+        (b"", "application/json", "the body must be a JSON object"),
+        (b"[1, 2]", "application/json", "the body must be a JSON object"),
+        (b'{"question": "hi"}', "text/plain", "content-type application/json"),
+    ],
+)
+@pytest.mark.parametrize("path", ["/query", "/v1/chat/completions"])
+def test_a_body_that_is_not_a_json_object_is_422_in_words(client, path, content, content_type, message):
+    r = client.post(path, content=content, headers={"content-type": content_type})
+    assert r.status_code == 422
+    error = r.json()["error"]
+    assert message in error["message"] and error["param"] is None
 
 
 def test_engine_error_is_500_with_request_id(client, tiny_engine, monkeypatch):

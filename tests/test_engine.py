@@ -33,7 +33,7 @@ def test_blend_at_ratio_one_equals_full(tiny_engine, config):
     full = tiny_engine.prefill(CHUNKS, QUESTION, mode="full")
     blend = tiny_engine.prefill(CHUNKS, QUESTION, mode="blend", config=config)
     torch.testing.assert_close(blend.logits, full.logits, atol=1e-4, rtol=1e-4)
-    assert blend.stats["n_recomputed"] == full.stats["n_tokens"] - len(full.prompt.prefix) - len(
+    assert blend.stats.n_recomputed == full.stats.n_tokens - len(full.prompt.prefix) - len(
         full.prompt.chunks[0]
     )
     g_full = tiny_engine.generate(CHUNKS, QUESTION, mode="full", max_new_tokens=12)
@@ -45,7 +45,7 @@ def test_prefix_mode_is_exact(tiny_engine):
     full = tiny_engine.prefill(CHUNKS, QUESTION, mode="full")
     prefix = tiny_engine.prefill(CHUNKS, QUESTION, mode="prefix")
     torch.testing.assert_close(prefix.logits, full.logits, atol=1e-4, rtol=1e-4)
-    assert prefix.stats["n_recomputed"] == full.stats["n_tokens"] - full.prompt.chunk_offsets()[1]
+    assert prefix.stats.n_recomputed == full.stats.n_tokens - full.prompt.chunk_offsets()[1]
 
 
 def test_reuse_equals_blend_at_ratio_zero_when_checking_layer_zero(tiny_engine):
@@ -54,7 +54,7 @@ def test_reuse_equals_blend_at_ratio_zero_when_checking_layer_zero(tiny_engine):
         CHUNKS, QUESTION, mode="blend", config=BlendConfig(recompute_ratio=0.0, check_layer=0)
     )
     torch.testing.assert_close(blend.logits, reuse.logits, atol=1e-5, rtol=1e-5)
-    assert blend.stats["n_recomputed"] == reuse.stats["n_recomputed"] == len(reuse.prompt.suffix)
+    assert blend.stats.n_recomputed == reuse.stats.n_recomputed == len(reuse.prompt.suffix)
 
 
 def test_reuse_differs_from_full(tiny_engine):
@@ -76,7 +76,7 @@ def test_question_always_recomputed_and_budget_respected(tiny_engine, selector, 
     pre = tiny_engine.prefill(CHUNKS, QUESTION, mode="blend", config=cfg)
     p = pre.prompt
     n_chunk = p.suffix_start - len(p.prefix)
-    assert pre.stats["n_recomputed"] == len(p.suffix) + round(ratio * n_chunk)
+    assert pre.stats.n_recomputed == len(p.suffix) + round(ratio * n_chunk)
 
 
 def test_first_k_tokens_are_forced(tiny_engine, monkeypatch):
@@ -218,7 +218,7 @@ def test_preview_cut_before_the_pass_equals_the_cut_inside_it(tiny_engine, monke
 
     monkeypatch.setattr(engine_mod, "plan_selection", cut_inside)
     inside = tiny_engine.prefill(CHUNKS, QUESTION, mode="blend")
-    assert inside.stats["n_recomputed"] == before.stats["n_recomputed"]
+    assert inside.stats.n_recomputed == before.stats.n_recomputed
     torch.testing.assert_close(before.logits, inside.logits, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(before.kv.v, inside.kv.v, atol=1e-5, rtol=1e-5)
 
@@ -233,13 +233,13 @@ def test_full_mode_ignores_the_store(tiny_dirs):
 def test_corrupt_disk_entry_is_recomputed(tiny_dirs, tmp_path):
     engine = BlendEngine.from_pretrained(str(tiny_dirs["llama"]), store=DiskStore(tmp_path / "kv"))
     first = engine.prefill(CHUNKS, QUESTION, mode="reuse")
-    assert first.stats["cache_misses"] == 3
+    assert first.stats.cache_misses == 3
     victim = next((tmp_path / "kv").rglob(f"{engine.chunk_key(CHUNKS[2])}*"))
     data = bytearray(victim.read_bytes())
     data[len(data) // 2] ^= 0xFF
     victim.write_bytes(bytes(data))
     again = engine.prefill(CHUNKS, QUESTION, mode="reuse")
-    assert again.stats["cache_hits"] == 2 and again.stats["cache_misses"] == 1
+    assert again.stats.cache_hits == 2 and again.stats.cache_misses == 1
     assert engine.store.stats["corrupt"] == 1
     torch.testing.assert_close(again.logits, first.logits)
 
@@ -255,7 +255,7 @@ def test_background_layer_loading_equals_loading_first(tiny_dirs, tmp_path, mode
         a = foreground.prefill(CHUNKS, QUESTION, mode=mode)
         b = background.prefill(CHUNKS, QUESTION, mode=mode)
         assert torch.equal(a.logits, b.logits) and torch.equal(a.kv.k, b.kv.k) and torch.equal(a.kv.v, b.kv.v)
-        assert a.stats["load_stall_s"] == 0 and b.stats["load_stall_s"] >= 0
+        assert a.stats.load_stall_s == 0 and b.stats.load_stall_s >= 0
 
 
 def test_prefetcher_counts_only_the_time_a_caller_waited():
@@ -290,7 +290,7 @@ def test_kv_of_another_model_is_never_used(tiny_dirs):
     assert a.fingerprint != b.fingerprint
     a.precompute(CHUNKS)
     assert all(a.has_kv(c) for c in CHUNKS) and not any(b.has_kv(c) for c in CHUNKS)
-    assert b.prefill(CHUNKS, QUESTION, mode="reuse").stats["cache_misses"] == 3
+    assert b.prefill(CHUNKS, QUESTION, mode="reuse").stats.cache_misses == 3
 
 
 def test_precompute_then_hits(tiny_dirs):
@@ -298,7 +298,7 @@ def test_precompute_then_hits(tiny_dirs):
     assert engine.precompute(CHUNKS) == 3
     assert engine.precompute(CHUNKS) == 0
     stats = engine.prefill(CHUNKS, QUESTION, mode="blend").stats
-    assert (stats["cache_hits"], stats["cache_misses"]) == (3, 0)
+    assert (stats.cache_hits, stats.cache_misses) == (3, 0)
 
 
 def test_stream_pieces_join_to_text_and_respect_limits(tiny_engine):

@@ -81,8 +81,8 @@ def test_corrupt_blobs_in_redis_are_recomputed_and_counted(redis_server, tiny_di
         client.set(key, bytes(blob))
     out = engine.generate(chunks, "Who kept the lighthouse?", max_new_tokens=6)
     assert out.text == reference.text
-    assert out.stats["cache_misses"] == 3 and remote.stats["corrupt"] == 4
-    assert engine.generate(chunks, "Who kept the lighthouse?", max_new_tokens=6).stats["cache_hits"] == 3
+    assert out.stats.cache_misses == 3 and remote.stats["corrupt"] == 4
+    assert engine.generate(chunks, "Who kept the lighthouse?", max_new_tokens=6).stats.cache_hits == 3
 
 
 def test_disk_full_while_indexing_is_a_clean_error_then_resumes(tmp_path, tiny_dirs, new_sample_index):

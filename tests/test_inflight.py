@@ -8,10 +8,14 @@ import gc
 
 import pytest
 
-from blendrag.api.rag import Ask, EngineFailure, InFlightLimit, RAGService
+from blendrag.api.blocking import BlockingStream
+from blendrag.api.rag import EngineFailure, InFlightLimit, RAGService
+from blendrag.request import RAGRequest, SamplingParams
 
-ASK = Ask(
-    "Who built the lighthouse?", documents=["The lighthouse was built by Hilde Marsk in 1871."], max_tokens=8
+ASK = RAGRequest(
+    "Who built the lighthouse?",
+    chunks=("The lighthouse was built by Hilde Marsk in 1871.",),
+    sampling=SamplingParams(max_new_tokens=8),
 )
 
 
@@ -59,7 +63,7 @@ async def test_a_failed_prefill_frees_its_slot(tiny_engine, monkeypatch):
 def test_sync_callers_share_the_limit(tiny_engine):
     limit = InFlightLimit(1)
     service = RAGService(tiny_engine, limit=limit)
-    stream = service.stream_sync(ASK)
+    stream = BlockingStream(service, ASK)
     assert not limit._slots.acquire(blocking=False)
     "".join(stream)
     assert limit._slots.acquire(blocking=False)

@@ -24,6 +24,7 @@ from blendrag.cli import common as cli_common
 from blendrag.cli import index as index_command
 from blendrag.cli import query as query_command
 from blendrag.errors import BlendRAGError
+from blendrag.request import PromptLimits
 from blendrag.retriever import (
     Embedder,
     Retriever,
@@ -36,6 +37,7 @@ from blendrag.retriever import (
 from blendrag.retriever.docstore import DB_NAME, DocStore
 from blendrag.retriever.index_dir import VECTORS_NAME
 from blendrag.retriever.vector_index import VectorIndex
+from blendrag.stats import GenerationStats
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT / "blendrag" / "samples" / "corpus"
@@ -69,10 +71,20 @@ class FakeStore:
 @dataclass
 class FakeGeneration:
     text: str
-    stats: dict
+    stats: GenerationStats
+
+
+class FakeStream(list):
+    """``BlendEngine.decode``'s stream: the answer in one piece, then ``result``."""
+
+    def __init__(self, result: FakeGeneration):
+        super().__init__([result.text])
+        self.result = result
 
 
 class FakeEngine:
+    limits = PromptLimits(context_length=1 << 20)
+
     def __init__(
         self, fingerprint: str = "fake-model-v1", store: FakeStore | None = None, delay_s: float = 0
     ):
@@ -95,14 +107,14 @@ class FakeEngine:
             print(f"precomputed {len(self.precomputed)}", flush=True)
         return len(todo)
 
-    def generate(self, chunks, question, mode="blend", recompute_ratio=None, max_new_tokens=64):
-        stats = {
-            "ttft_s": 0.01,
-            "n_tokens": 3,
-            "n_recomputed": 0,
-            "cache_hits": len(chunks),
-            "cache_misses": 0,
-        }
+    def build_prompt(self, chunks, question, max_new_tokens=0):
+        self.limits.check_question(question)
+
+    def decode(self, chunks, question, mode, config, params) -> FakeStream:
+        return FakeStream(self.generate(chunks, question, mode))
+
+    def generate(self, chunks, question, mode="blend", **kwargs) -> FakeGeneration:
+        stats = GenerationStats(mode, 3, 0, 0.0, len(chunks), 0, 0.0, 0.01, 1, 0.0)
         return FakeGeneration(f"answer from {len(chunks)} chunks", stats)
 
 

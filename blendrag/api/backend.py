@@ -11,29 +11,18 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator, Iterator
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 from blendrag.config import MODES, Mode
 from blendrag.engine import BlendEngine, Generation, GenerationStream
 from blendrag.errors import BlendRAGError
+from blendrag.request import RAGRequest
 
 from .worker import ComputeWorker
-
-if TYPE_CHECKING:
-    from .rag import Ask
 
 
 class UnsupportedMode(BlendRAGError):
     """The request asks for a prefill mode the server's backend cannot run (a 400)."""
-
-
-class Finished(Protocol):
-    """A whole answer. The engine's ``Generation`` is one; a backend whose model runs elsewhere
-    returns its own (it has no prefill logits to hand back)."""
-
-    text: str
-    finish_reason: str  # "stop" (EOS or stop string) or "length"
-    stats: dict  # the QueryStats fields; None where the backend cannot tell
 
 
 class Decoding(Protocol):
@@ -41,14 +30,12 @@ class Decoding(Protocol):
     before any byte of the response is sent."""
 
     @property
-    def result(self) -> Finished | None:
-        """The answer, once the last piece has been read."""
+    def result(self) -> Generation | None:
+        """The answer, once the last piece has been read (``first_logits`` None where the
+        backend's model runs elsewhere)."""
 
     async def next(self) -> str | None:
         """The next non-empty text piece, or None when the answer is complete."""
-
-    def next_sync(self) -> str | None:
-        """``next`` for callers without an event loop (the in-process LangChain classes)."""
 
     def close(self) -> None:
         """Stop early and free the answer's state. Must not block or wait: it is also called
@@ -59,7 +46,7 @@ class Backend(Protocol):
     name: str  # "engine" | "vllm": reported by /health
     modes: tuple[Mode, ...]  # the prefill modes it can run; RAGService refuses the others
 
-    def open(self, chunks: list[str], ask: Ask) -> Decoding:
+    def open(self, chunks: list[str], request: RAGRequest) -> Decoding:
         """Start nothing yet: the answer is computed as its ``Decoding`` is read."""
 
     def running(self) -> contextlib.AbstractAsyncContextManager[None]:
@@ -71,23 +58,13 @@ class EngineBackend:
     engine's ``ComputeWorker`` (see ``worker.py``), so concurrent answers interleave step by step."""
 
     name = "engine"
-    modes: tuple[Mode, ...] = MODES  # type: ignore[assignment]
+    modes: tuple[Mode, ...] = MODES
 
     def __init__(self, engine: BlendEngine, worker: ComputeWorker) -> None:
         self.engine, self.worker = engine, worker
 
-    def open(self, chunks: list[str], ask: Ask) -> EngineDecoding:
-        stream = self.engine.stream(
-            chunks,
-            ask.question,
-            mode=ask.mode,
-            recompute_ratio=ask.recompute_ratio,
-            max_new_tokens=ask.max_tokens,
-            temperature=ask.temperature,
-            top_p=ask.top_p,
-            seed=ask.seed,
-            stop=ask.stop,
-        )
+    def open(self, chunks: list[str], request: RAGRequest) -> EngineDecoding:
+        stream = self.engine.decode(chunks, request.question, request.mode, request.blend, request.sampling)
         return EngineDecoding(stream, self.worker)
 
     @contextlib.asynccontextmanager
@@ -106,9 +83,6 @@ class EngineDecoding:
 
     async def next(self) -> str | None:
         return await self._worker.run(next, self._pieces, None)
-
-    def next_sync(self) -> str | None:
-        return self._worker.call(next, self._pieces, None)
 
     def close(self) -> None:
         # Queued, not waited for: a decode step of this answer may be running on the worker.

@@ -18,6 +18,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from blendrag.errors import BlendRAGError
+from blendrag.request import InvalidRequest
 
 from .live_index import EmptyIndex, NotFound
 from .metrics import Metrics
@@ -88,9 +89,8 @@ class RequestContext:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        problems = [f"{_where(e['loc'])}: {e['msg']}" for e in exc.errors()]
-        param = _where(exc.errors()[0]["loc"]) if exc.errors() else None
-        body = error_body("; ".join(problems), "invalid_request_error", request_id(request), param)
+        message, param = _validation_message(exc.errors())
+        body = error_body(message, "invalid_request_error", request_id(request), param)
         return JSONResponse(body, status_code=422)
 
     @app.exception_handler(HTTPException)
@@ -103,7 +103,8 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(BlendRAGError)
     async def user_error(request: Request, exc: BlendRAGError) -> JSONResponse:
         status, kind = _status_of(exc)
-        return JSONResponse(error_body(str(exc), kind, request_id(request)), status)
+        param = exc.param if isinstance(exc, InvalidRequest) else None
+        return JSONResponse(error_body(str(exc), kind, request_id(request), param), status)
 
     @app.exception_handler(EngineFailure)
     async def engine_failure(request: Request, exc: EngineFailure) -> JSONResponse:
@@ -126,7 +127,23 @@ def _status_of(exc: BlendRAGError) -> tuple[int, str]:
         return 404, "not_found_error"
     if isinstance(exc, EmptyIndex):
         return 503, "service_unavailable"
+    if isinstance(exc, InvalidRequest) and exc.param is not None:
+        return 422, "invalid_request_error"  # one field's value is refused, as schema validation does
     return 400, "invalid_request_error"
+
+
+# pydantic's error types for a body that is missing or is not a JSON object.
+_NOT_AN_OBJECT = ("missing", "model_attributes_type", "dict_type", "model_type")
+
+
+def _validation_message(errors: list[dict]) -> tuple[str, str | None]:
+    """(message, param) of a failed validation: each field's problem, or the body's own."""
+    first = errors[0] if errors else {"type": "", "loc": ("body",)}
+    if first["type"] == "json_invalid":  # its loc is a character offset, not a field
+        return f"the body is not valid JSON: {first['ctx']['error']}", None
+    if first["type"] in _NOT_AN_OBJECT and tuple(first["loc"]) == ("body",):
+        return "the body must be a JSON object, sent as content-type application/json", None
+    return "; ".join(f"{_where(e['loc'])}: {e['msg']}" for e in errors), _where(first["loc"])
 
 
 def _where(loc: tuple) -> str:

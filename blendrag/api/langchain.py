@@ -44,11 +44,21 @@ except ImportError as err:
 
 from pydantic import ConfigDict, Field, PrivateAttr, model_validator
 
-from blendrag.config import Mode
+from blendrag.config import BlendConfig, Mode
+from blendrag.request import (
+    DEFAULT_MAX_NEW_TOKENS,
+    DEFAULT_TOP_K,
+    Answer,
+    RAGRequest,
+    SamplingParams,
+    blend_override,
+)
 from blendrag.retriever import Retriever
 
+from . import blocking
 from .client import BlendRAGClient
-from .rag import Answer, Ask, RAGService
+from .rag import RAGService
+from .schemas import Ratio
 from .worker import ComputeWorker
 
 
@@ -61,7 +71,7 @@ class BlendRAGRetriever(BaseRetriever):
 
     index_dir: str | None = None
     base_url: str | None = None
-    k: int = Field(4, ge=1)
+    k: int = Field(DEFAULT_TOP_K, ge=1)
     timeout: float | None = 120.0
     _retriever: Retriever | None = PrivateAttr(None)
     _worker: ComputeWorker | None = PrivateAttr(None)
@@ -135,9 +145,9 @@ class ChatBlendRAG(BaseChatModel):
     retriever: BaseRetriever | None = Field(None, exclude=True)
     model_name: str | None = Field(None, alias="model", description="Server model id (remote)")
     mode: Mode = "blend"
-    recompute_ratio: float | None = Field(None, ge=0.0, le=1.0)
-    top_k: int = Field(4, ge=1)
-    max_tokens: int = Field(256, ge=1)
+    recompute_ratio: Ratio | None = None
+    top_k: int = Field(DEFAULT_TOP_K, ge=1)
+    max_tokens: int = Field(DEFAULT_MAX_NEW_TOKENS, ge=1)
     temperature: float = Field(0.0, ge=0.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     seed: int | None = None
@@ -190,12 +200,12 @@ class ChatBlendRAG(BaseChatModel):
             for chunk in chunks[1:]:
                 message += chunk.message
             return ChatResult(generations=[ChatGeneration(message=_as_message(message))])
-        ask = self._ask(messages, stop, kwargs)
+        request = self._request(messages, stop, kwargs)
         if self.base_url is not None:
-            body = self._client().chat(self._body(messages, ask))
+            body = self._client().chat(request, self.model_name)
             text, meta, usage = _remote_result(body)
         else:
-            answer = RAGService(self.engine).answer_sync(ask)
+            answer = blocking.answer(RAGService(self.engine), request)
             text, meta, usage = answer.generation.text, _metadata(answer, self._model_id()), _usage(answer)
         message = AIMessage(content=text, response_metadata=meta, usage_metadata=usage)
         return ChatResult(generations=[ChatGeneration(message=message)])
@@ -207,8 +217,8 @@ class ChatBlendRAG(BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
-        ask = self._ask(messages, stop, kwargs)
-        pieces = self._remote_pieces(messages, ask) if self.base_url else self._local_pieces(ask)
+        request = self._request(messages, stop, kwargs)
+        pieces = self._remote_pieces(request) if self.base_url else self._local_pieces(request)
         for piece in pieces:
             if isinstance(piece, str):
                 if run_manager:
@@ -217,17 +227,17 @@ class ChatBlendRAG(BaseChatModel):
             else:
                 yield ChatGenerationChunk(message=piece)
 
-    def _local_pieces(self, ask: Ask) -> Iterator[str | AIMessageChunk]:
-        stream = RAGService(self.engine).stream_sync(ask)
+    def _local_pieces(self, request: RAGRequest) -> Iterator[str | AIMessageChunk]:
+        stream = blocking.BlockingStream(RAGService(self.engine), request)
         yield from stream
         answer = stream.answer
         yield AIMessageChunk(
             content="", response_metadata=_metadata(answer, self._model_id()), usage_metadata=_usage(answer)
         )
 
-    def _remote_pieces(self, messages: list[BaseMessage], ask: Ask) -> Iterator[str | AIMessageChunk]:
+    def _remote_pieces(self, request: RAGRequest) -> Iterator[str | AIMessageChunk]:
         meta: dict = {}
-        for chunk in self._client().stream_chat(self._body(messages, ask)):
+        for chunk in self._client().stream_chat(request, self.model_name):
             for choice in chunk["choices"]:
                 if choice["delta"].get("content"):
                     yield choice["delta"]["content"]
@@ -244,49 +254,38 @@ class ChatBlendRAG(BaseChatModel):
 
     # ---- request building -------------------------------------------------------------------
 
-    def _ask(self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict) -> Ask:
+    def _request(self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict) -> RAGRequest:
+        """The call's settings (keyword arguments over the model's fields) as the core request."""
         question = _question(messages)
-        documents = self._documents(messages, question, kwargs.get("documents"))
-        return Ask(
-            question,
-            documents=documents,
-            top_k=kwargs.get("top_k", self.top_k),
-            mode=kwargs.get("mode", self.mode),
-            recompute_ratio=kwargs.get("recompute_ratio", self.recompute_ratio),
-            max_tokens=kwargs.get("max_tokens", self.max_tokens),
+        sampling = SamplingParams(
+            max_new_tokens=kwargs.get("max_tokens", self.max_tokens),
             temperature=kwargs.get("temperature", self.temperature),
             top_p=kwargs.get("top_p", self.top_p),
             seed=kwargs.get("seed", self.seed),
             stop=tuple(stop or self.stop or ()),
         )
+        # Remote, only the ratio is sent: the server blends with its engine's other settings.
+        base = self.engine.config if self.engine is not None else BlendConfig()
+        return RAGRequest(
+            question,
+            chunks=self._documents(messages, question, kwargs.get("documents")),
+            top_k=kwargs.get("top_k", self.top_k),
+            mode=kwargs.get("mode", self.mode),
+            blend=blend_override(base, kwargs.get("recompute_ratio", self.recompute_ratio)),
+            sampling=sampling,
+        )
 
     def _documents(
         self, messages: list[BaseMessage], question: str, given: Sequence | None
-    ) -> list[str] | None:
+    ) -> tuple[str, ...] | None:
         if given is None:
             human = [m for m in messages if isinstance(m, HumanMessage)]
             given = human[-1].additional_kwargs.get("documents") if human else None
         if given is None and self.retriever is not None:
             given = self.retriever.invoke(question)
         if given is None:
-            return None if self.base_url is not None else []  # remote: the server retrieves
-        return [d.page_content if isinstance(d, Document) else str(d) for d in given]
-
-    def _body(self, messages: list[BaseMessage], ask: Ask) -> dict[str, Any]:
-        body = {
-            "messages": [{"role": "user", "content": ask.question}],
-            "max_tokens": ask.max_tokens,
-            "temperature": ask.temperature,
-            "top_p": ask.top_p,
-            "mode": ask.mode,
-            "top_k": ask.top_k,
-            "stop": list(ask.stop) or None,
-            "seed": ask.seed,
-            "recompute_ratio": ask.recompute_ratio,
-            "documents": ask.documents,
-            "model": self.model_name,
-        }
-        return {key: value for key, value in body.items() if value is not None}
+            return None if self.base_url is not None else ()  # remote: the server retrieves
+        return tuple(d.page_content if isinstance(d, Document) else str(d) for d in given)
 
     def _client(self) -> BlendRAGClient:
         return BlendRAGClient(self.base_url, self.timeout)
@@ -309,7 +308,7 @@ def _text(content: str | list) -> str:
 
 
 def _usage(answer: Answer) -> UsageMetadata:
-    n_in, n_out = answer.stats["n_tokens"], answer.stats["n_generated"]
+    n_in, n_out = answer.generation.stats.n_tokens, answer.generation.stats.n_generated
     return UsageMetadata(input_tokens=n_in, output_tokens=n_out, total_tokens=n_in + n_out)
 
 
@@ -324,7 +323,7 @@ def _usage_of(usage: dict) -> UsageMetadata:
 def _metadata(answer: Answer, model: str) -> dict:
     chunks = [{"id": c.id, "doc_id": c.doc_id, "score": c.score, "text": c.text} for c in answer.chunks]
     finish = answer.generation.finish_reason
-    return {"finish_reason": finish, "model_name": model, "chunks": chunks, "stats": answer.stats}
+    return {"finish_reason": finish, "model_name": model, "chunks": chunks, "stats": answer.stats_dict()}
 
 
 def _remote_result(body: dict) -> tuple[str, dict, UsageMetadata]:

@@ -8,6 +8,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from blendrag.stats import GenerationStats
+
 # TTFT of a blended prompt on CPU runs from milliseconds (tiny models) to seconds.
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -56,20 +58,20 @@ class Metrics:
         fraction.set_function(lambda: _ratio(self._totals["recomputed"], self._totals["prompt"]))
         self.registry.register(_StoreStats(store))
 
-    def observe_generation(self, stats: dict) -> None:
+    def observe_generation(self, stats: GenerationStats) -> None:
         """A stat the backend could not give (None) is left out, never counted as 0."""
-        if stats["ttft_s"] is not None:
-            self.ttft.labels(stats["mode"]).observe(stats["ttft_s"])
-        self.chunk_kv.labels("hit").inc(stats["cache_hits"])
-        self.chunk_kv.labels("miss").inc(stats["cache_misses"])
-        for key, stat in (("hit", "cache_hits"), ("miss", "cache_misses")):
-            self._totals[key] += stats[stat]
-        self.prompt_tokens.inc(stats["n_tokens"])
-        if stats["n_recomputed"] is not None:
-            self.recomputed_tokens.inc(stats["n_recomputed"])
+        if stats.ttft_s is not None:
+            self.ttft.labels(stats.mode).observe(stats.ttft_s)
+        self.chunk_kv.labels("hit").inc(stats.cache_hits)
+        self.chunk_kv.labels("miss").inc(stats.cache_misses)
+        self._totals["hit"] += stats.cache_hits
+        self._totals["miss"] += stats.cache_misses
+        self.prompt_tokens.inc(stats.n_tokens)
+        if stats.n_recomputed is not None:
+            self.recomputed_tokens.inc(stats.n_recomputed)
             # The fraction's denominator only counts prompts whose recomputed tokens are known.
-            self._totals["prompt"] += stats["n_tokens"]
-            self._totals["recomputed"] += stats["n_recomputed"]
+            self._totals["prompt"] += stats.n_tokens
+            self._totals["recomputed"] += stats.n_recomputed
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

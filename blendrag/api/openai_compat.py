@@ -18,12 +18,20 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Depends, HTTPException, Request
 from pydantic import BaseModel, Field, model_validator
 
-from blendrag.config import Mode
+from blendrag.config import BlendConfig, Mode
+from blendrag.request import (
+    DEFAULT_MAX_NEW_TOKENS,
+    DEFAULT_TOP_K,
+    Answer,
+    RAGRequest,
+    SamplingParams,
+    blend_override,
+)
 
 from .errors import ERROR_RESPONSES, request_id
 from .query import STREAM_RESPONSE, chunk_out
-from .rag import Answer, AnswerStream, Ask, RAGService
-from .schemas import MAX_NEW_TOKENS, MAX_QUESTION_CHARS, ChunkOut, Ratio, Strict, Temperature, TopK
+from .rag import AnswerStream, RAGService
+from .schemas import ChunkOut, MaxTokens, Ratio, Strict, Temperature, TopK
 from .sse import event, sse_response
 
 
@@ -51,8 +59,8 @@ class StreamOptions(Strict):
 class ChatCompletionRequest(Strict):
     model: str | None = Field(None, description="Must name the served model (see /v1/models) if given")
     messages: Annotated[list[Message], Field(min_length=1)]
-    max_tokens: Annotated[int, Field(ge=1, le=MAX_NEW_TOKENS)] | None = None
-    max_completion_tokens: Annotated[int, Field(ge=1, le=MAX_NEW_TOKENS)] | None = None
+    max_tokens: MaxTokens | None = None
+    max_completion_tokens: MaxTokens | None = None
     temperature: Temperature = 0.0
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
     n: Literal[1] = 1
@@ -62,20 +70,17 @@ class ChatCompletionRequest(Strict):
     stream_options: StreamOptions | None = None
     user: str | None = None
     # blendrag extensions
-    documents: list[Annotated[str, Field(min_length=1)]] | None = Field(
+    documents: Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)] | None = Field(
         None, description="Blend these texts as the chunks, in this order, instead of retrieving"
     )
-    top_k: TopK = 4
+    top_k: TopK = DEFAULT_TOP_K
     mode: Mode = "blend"
     recompute_ratio: Ratio | None = None
 
     @model_validator(mode="after")
     def _has_question(self) -> ChatCompletionRequest:
-        question = self.question
-        if not question:
+        if not self.question:
             raise ValueError("messages must contain a user message with non-empty text")
-        if len(question) > MAX_QUESTION_CHARS:
-            raise ValueError(f"the last user message is longer than {MAX_QUESTION_CHARS} characters")
         return self
 
     @property
@@ -83,19 +88,23 @@ class ChatCompletionRequest(Strict):
         users = [m for m in self.messages if m.role == "user"]
         return users[-1].text.strip() if users else ""
 
-    def ask(self) -> Ask:
+    def to_request(self, base: BlendConfig) -> RAGRequest:
+        """The core request; ``base``: the BlendConfig of the engine that answers."""
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
-        return Ask(
-            self.question,
-            documents=self.documents,
-            top_k=self.top_k,
-            mode=self.mode,
-            recompute_ratio=self.recompute_ratio,
-            max_tokens=self.max_completion_tokens or self.max_tokens or 256,
+        sampling = SamplingParams(
+            max_new_tokens=self.max_completion_tokens or self.max_tokens or DEFAULT_MAX_NEW_TOKENS,
             temperature=self.temperature,
             top_p=self.top_p,
             seed=self.seed,
             stop=stop,
+        )
+        return RAGRequest(
+            self.question,
+            chunks=None if self.documents is None else tuple(self.documents),
+            top_k=self.top_k,
+            mode=self.mode,
+            blend=blend_override(base, self.recompute_ratio),
+            sampling=sampling,
         )
 
 
@@ -169,7 +178,7 @@ def openai_router(resolve: Callable[..., RAGService], model_name: str) -> APIRou
         """Streaming sends `data: {chat.completion.chunk}` events and ends with `data: [DONE]`."""
         if body.model is not None and body.model != model_name:
             raise HTTPException(404, f"model {body.model!r} is not served here; use {model_name!r}")
-        stream = await service.stream(body.ask())
+        stream = await service.stream(body.to_request(service.engine.config))
         completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
             usage = body.stream_options is not None and body.stream_options.include_usage
@@ -183,12 +192,13 @@ def openai_router(resolve: Callable[..., RAGService], model_name: str) -> APIRou
 
 
 def _usage(answer: Answer) -> Usage:
-    prompt, completion = answer.stats["n_tokens"], answer.stats["n_generated"]
+    stats = answer.generation.stats
+    prompt, completion = stats.n_tokens, stats.n_generated
     return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
 
 def _info(answer: Answer) -> dict:
-    return BlendInfo(chunks=[chunk_out(c) for c in answer.chunks], stats=answer.stats).model_dump()
+    return BlendInfo(chunks=[chunk_out(c) for c in answer.chunks], stats=answer.stats_dict()).model_dump()
 
 
 def _completion(answer: Answer, completion_id: str, created: int, model: str) -> ChatCompletion:

@@ -6,8 +6,10 @@ from collections.abc import AsyncIterator, Callable
 
 from fastapi import APIRouter, Depends, Request
 
+from blendrag.request import Answer, SourceChunk
+
 from .errors import ERROR_RESPONSES, request_id
-from .rag import Answer, AnswerStream, Ask, RAGService, SourceChunk
+from .rag import AnswerStream, RAGService
 from .schemas import ChunkOut, QueryRequest, QueryResponse, QueryStats, SearchRequest, SearchResponse
 from .sse import event, sse_response
 
@@ -37,15 +39,7 @@ def query_router(resolve: Callable[..., RAGService]) -> APIRouter:
 
     @router.post("/query", response_model=QueryResponse, responses=STREAM_RESPONSE, description=STREAM_DOC)
     async def query(body: QueryRequest, request: Request, service: RAGService = Depends(resolve)):
-        ask = Ask(
-            body.question,
-            top_k=body.top_k,
-            mode=body.mode,
-            recompute_ratio=body.recompute_ratio,
-            max_tokens=body.max_tokens,
-            temperature=body.temperature,
-        )
-        stream = await service.stream(ask)
+        stream = await service.stream(body.to_request(service.engine.config))
         if body.stream:
             return sse_response(_events(stream), request_id(request), error_event="error")
         async for _ in stream:
@@ -68,7 +62,9 @@ async def _events(stream: AnswerStream) -> AsyncIterator[str]:
 
 
 def query_response(answer: Answer) -> QueryResponse:
-    stats = QueryStats.model_validate({k: v for k, v in answer.stats.items() if k in QueryStats.model_fields})
+    stats = QueryStats.model_validate(
+        {k: v for k, v in answer.stats_dict().items() if k in QueryStats.model_fields}
+    )
     return QueryResponse(
         answer=answer.generation.text,
         finish_reason=answer.generation.finish_reason,

@@ -1,47 +1,84 @@
-"""Request and response bodies of the native REST routes (``/query``, ``/search``, ``/documents``)."""
+"""Request and response bodies of the native REST routes (``/query``, ``/search``, ``/documents``),
+and the field types the OpenAI-compatible routes and LangChain share with them.
+
+Request bodies are strict: unknown fields are refused, and so are values of another JSON type
+(``"stream": "yes"``, ``"top_k": true``, ``"temperature": "0.5"``). Defaults are the core's
+(``blendrag.request``).
+"""
 
 from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 
-from blendrag.config import Mode
+from blendrag.config import BlendConfig, Mode
+from blendrag.request import (
+    DEFAULT_MAX_NEW_TOKENS,
+    DEFAULT_TOP_K,
+    MAX_QUESTION_CHARS,
+    RAGRequest,
+    SamplingParams,
+    blend_override,
+)
 
-MAX_QUESTION_CHARS = 4000
 MAX_TOP_K = 32
 MAX_NEW_TOKENS = 1024
 MAX_DOCUMENT_CHARS = 1_000_000
 MAX_DOCUMENTS_PER_REQUEST = 256
 
+
+def _valid_ratio(ratio: float) -> float:
+    # The range is BlendConfig's to state: building one checks it (ValueError: a 422).
+    return BlendConfig(recompute_ratio=ratio).recompute_ratio
+
+
+# The length cap is the engine's (PromptLimits.max_question_chars), checked before retrieval.
 Question = Annotated[
+    str,
+    StringConstraints(strip_whitespace=True, min_length=1),
+    Field(description=f"At most the server's question limit (default {MAX_QUESTION_CHARS:,} characters)"),
+]
+SearchQuery = Annotated[
     str, StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_QUESTION_CHARS)
 ]
 TopK = Annotated[int, Field(ge=1, le=MAX_TOP_K, description="Chunks to retrieve")]
 Ratio = Annotated[
     float,
-    Field(ge=0.0, le=1.0, description="Share of chunk tokens blend recomputes (engine default if absent)"),
+    AfterValidator(_valid_ratio),
+    Field(description="Share of chunk tokens blend recomputes, 0 to 1 (the engine's if absent)"),
 ]
+MaxTokens = Annotated[int, Field(ge=1, le=MAX_NEW_TOKENS, description="Answer tokens to generate at most")]
 Temperature = Annotated[float, Field(ge=0.0, le=2.0, description="0 is greedy")]
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class QueryRequest(Strict):
     question: Question
-    top_k: TopK = 4
+    top_k: TopK = DEFAULT_TOP_K
     mode: Mode = "blend"
     recompute_ratio: Ratio | None = None
-    max_tokens: Annotated[int, Field(ge=1, le=MAX_NEW_TOKENS)] = 128
+    max_tokens: MaxTokens = DEFAULT_MAX_NEW_TOKENS
     temperature: Temperature = 0.0
     stream: bool = Field(False, description="Answer as server-sent events (see the route description)")
 
+    def to_request(self, base: BlendConfig) -> RAGRequest:
+        """The core request; ``base``: the BlendConfig of the engine that answers."""
+        return RAGRequest(
+            self.question,
+            top_k=self.top_k,
+            mode=self.mode,
+            blend=blend_override(base, self.recompute_ratio),
+            sampling=SamplingParams(max_new_tokens=self.max_tokens, temperature=self.temperature),
+        )
+
 
 class SearchRequest(Strict):
-    query: Question
-    top_k: TopK = 4
+    query: SearchQuery
+    top_k: TopK = DEFAULT_TOP_K
 
 
 class ChunkOut(BaseModel):

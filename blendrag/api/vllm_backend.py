@@ -10,9 +10,12 @@ What changes against the engine backend (``backend.EngineBackend``):
   computes the last prompt token and decodes. ``full`` sends the same ids without chunk structure,
   so vLLM prefills them itself. ``reuse`` and ``prefix`` are modes of blendrag's own prefill that
   the connector does not run: ``RAGService`` refuses them with a 400.
-- Stats: vLLM does not report how many tokens the connector recomputed (``n_recomputed`` is
-  None); whether the connector blended the prompt is read from vLLM's ``num_cached_tokens``;
-  ``ttft_s`` and ``decode_s`` are vLLM's own per-request timestamps.
+- Stats (``VLLMStats``, the engine's ``GenerationStats`` and vLLM's ``num_cached_tokens``): vLLM
+  does not report how many tokens the connector recomputed, nor its compute share or load stalls
+  (None); whether the connector blended the prompt is read from ``num_cached_tokens``; ``ttft_s``
+  and ``decode_s`` are vLLM's own per-request timestamps.
+- A request's ``blend`` may differ from the engine's ``BlendConfig`` in its ratio only: the
+  connector runs the engine's settings, and takes a ratio per request.
 
 vLLM is imported only when the backend starts, so this module loads without it.
 """
@@ -23,12 +26,14 @@ import asyncio
 import contextlib
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from blendrag.config import Mode
-from blendrag.engine import BlendEngine
+from blendrag.engine import BlendEngine, Generation
 from blendrag.errors import BlendRAGError
+from blendrag.request import RAGRequest
+from blendrag.stats import GenerationStats
 from blendrag.vllm import blend_request
 
 if TYPE_CHECKING:
@@ -36,20 +41,12 @@ if TYPE_CHECKING:
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
 
-    from .rag import Ask
-
 GIB = 1 << 30
 
 
 @dataclass(frozen=True)
-class VLLMGeneration:
-    """A whole answer from vLLM (``backend.Finished``): the engine's ``Generation`` without the
-    prefill logits, which vLLM does not hand back."""
-
-    text: str
-    token_ids: list[int]
-    finish_reason: str
-    stats: dict
+class VLLMStats(GenerationStats):
+    vllm_cached_tokens: int | None  # prompt tokens vLLM did not compute itself
 
 
 class VLLMBackend:
@@ -116,42 +113,49 @@ class VLLMBackend:
             llm, self._llm = self._llm, None
             llm.shutdown()
 
-    def open(self, chunks: list[str], ask: Ask) -> VLLMDecoding:
+    def open(self, chunks: list[str], request: RAGRequest) -> VLLMDecoding:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
-        llm = self.running_llm()
-        prompt_format = self.engine.prompt_format
+        sampling = request.sampling
+        # The engine's length check, before vLLM sees the request (vLLM's max_model_len is the
+        # same config's max_position_embeddings).
+        ids = self.engine.build_prompt(chunks, request.question, sampling.max_new_tokens).ids
         extra_args: dict[str, Any] | None = None
-        if ask.mode == "blend":
-            request = blend_request(
-                prompt_format,
+        if request.mode == "blend":
+            blend = blend_request(
+                self.engine.prompt_format,
                 chunks,
-                ask.question,
-                recompute_ratio=ask.recompute_ratio,  # None: the connector's, i.e. the engine's
+                request.question,
+                recompute_ratio=self._ratio(request),
                 fingerprint=self.engine.fingerprint,
             )
-            prompt, extra_args = request.tokens_prompt(), request.extra_args()
+            prompt, extra_args = blend.tokens_prompt(), blend.extra_args()
         else:
             # "full": no chunk structure and no cache salt, so the connector passes and vLLM's
             # prefix cache shares exact KV between such prompts, never a salted blend's.
-            prompt = {"prompt_token_ids": prompt_format.build(chunks, ask.question).ids}
-        n_tokens, limit = len(prompt["prompt_token_ids"]), llm.model_config.max_model_len
-        if n_tokens + ask.max_tokens > limit:
-            raise BlendRAGError(
-                f"the prompt ({n_tokens} tokens) plus max_tokens ({ask.max_tokens}) exceeds vLLM's "
-                f"max_model_len ({limit}); ask for fewer chunks (top_k) or fewer tokens"
-            )
+            prompt = {"prompt_token_ids": ids}
         params = SamplingParams(
-            max_tokens=ask.max_tokens,
-            temperature=ask.temperature,
-            top_p=ask.top_p,
-            seed=ask.seed,
-            stop=list(ask.stop),
+            max_tokens=sampling.max_new_tokens,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            seed=sampling.seed,
+            stop=list(sampling.stop),
             output_kind=RequestOutputKind.DELTA,  # each output carries only the new text
             extra_args=extra_args,
         )
-        return VLLMDecoding(self, prompt, params, ask.mode, len(chunks))
+        return VLLMDecoding(self, prompt, params, request.mode, len(chunks))
+
+    def _ratio(self, request: RAGRequest) -> float | None:
+        """The ratio the connector is sent (None: its own, i.e. the engine's)."""
+        if request.blend is None:
+            return None
+        engine_config = self.engine.config
+        if replace(request.blend, recompute_ratio=engine_config.recompute_ratio) != engine_config:
+            raise BlendRAGError(
+                "the vllm backend blends with the server's BlendConfig; a request may set its ratio only"
+            )
+        return request.blend.recompute_ratio
 
     def running_llm(self) -> AsyncLLM:
         """vLLM's engine, while the server runs."""
@@ -184,7 +188,7 @@ class VLLMDecoding:
         self._outputs: AsyncGenerator[RequestOutput, None] | None = None
         self._text: list[str] = []
         self._token_ids: list[int] = []
-        self.result: VLLMGeneration | None = None
+        self.result: Generation | None = None
 
     async def next(self) -> str | None:
         from vllm.exceptions import VLLMClientError
@@ -212,14 +216,11 @@ class VLLMDecoding:
         (engine_input,) = await llm.renderer.render_cmpl_async([self._prompt])
         return llm.generate(engine_input, self._params, self._request_id)
 
-    def next_sync(self) -> str | None:
-        raise BlendRAGError("the vllm backend answers async callers only: it runs on the server's event loop")
-
     def close(self) -> None:
         if self._outputs is not None and self.result is None:
             self._backend.abort(self._request_id)
 
-    def _finish(self, out: RequestOutput, finish_reason: str | None) -> VLLMGeneration:
+    def _finish(self, out: RequestOutput, finish_reason: str | None) -> Generation:
         if finish_reason not in ("stop", "length"):
             raise RuntimeError(f"vLLM ended request {self._request_id} with {finish_reason!r}")
         n_tokens = len(self._prompt["prompt_token_ids"])
@@ -229,15 +230,17 @@ class VLLMDecoding:
         blended = self._mode == "blend" and cached is not None and cached >= n_tokens - 1
         looked_up = self._n_chunks if self._mode == "blend" else 0
         timing = out.metrics  # vLLM engine-core timestamps (None if its stats were off)
-        stats = {
-            "mode": self._mode,
-            "n_tokens": n_tokens,
-            "n_recomputed": None,  # counted by the connector inside vLLM's worker, not reported back
-            "cache_hits": looked_up if blended else 0,
-            "cache_misses": 0 if blended else looked_up,
-            "vllm_cached_tokens": cached,
-            "ttft_s": timing.first_token_ts - timing.scheduled_ts if timing else None,
-            "n_generated": len(self._token_ids),
-            "decode_s": timing.last_token_ts - timing.first_token_ts if timing else None,
-        }
-        return VLLMGeneration("".join(self._text), self._token_ids, finish_reason, stats)
+        stats = VLLMStats(
+            mode=self._mode,
+            n_tokens=n_tokens,
+            n_recomputed=None,  # counted by the connector inside vLLM's worker, not reported back
+            compute_fraction=None,
+            cache_hits=looked_up if blended else 0,
+            cache_misses=0 if blended else looked_up,
+            load_stall_s=None,
+            ttft_s=timing.first_token_ts - timing.scheduled_ts if timing else None,
+            n_generated=len(self._token_ids),
+            decode_s=timing.last_token_ts - timing.first_token_ts if timing else None,
+            vllm_cached_tokens=cached,
+        )
+        return Generation("".join(self._text), self._token_ids, stats, finish_reason)

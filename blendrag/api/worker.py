@@ -14,12 +14,11 @@ from __future__ import annotations
 import asyncio
 import threading
 import weakref
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 T = TypeVar("T")
-_END = object()
 
 
 class ComputeWorker:
@@ -44,17 +43,6 @@ class ComputeWorker:
     def submit(self, fn: Callable[..., Any], *args: Any) -> None:
         """Queue ``fn`` on the worker and return at once (its result and errors are dropped)."""
         self._pool.submit(fn, *args)
-
-    def iterate(self, items: Iterator[T]) -> Iterator[T]:
-        """Advance ``items`` one step per job on the worker (blocking)."""
-        while (item := self.call(next, items, _END)) is not _END:
-            yield item
-
-    async def aiterate(self, items: Iterator[T]) -> AsyncIterator[T]:
-        """Advance ``items`` one step per job on the worker."""
-        # next(items, _END): a StopIteration cannot travel through a Future.
-        while (item := await self.run(next, items, _END)) is not _END:
-            yield item
 
 
 _WORKERS: weakref.WeakKeyDictionary[object, ComputeWorker] = weakref.WeakKeyDictionary()

@@ -28,16 +28,6 @@ def positive_float(text: str) -> float:
     return value
 
 
-def ratio(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number in [0, 1], got {text!r}") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
-    return value
-
-
 def index_kv_store(index_dir: Path, kv_store: str | None) -> str:
     """On disk beside the index by default, so the KV that `index` computed is there for `query`."""
     return kv_store or str(index_dir / KV_DIR_NAME)

@@ -76,14 +76,14 @@ def run(args: argparse.Namespace) -> None:
         for mode in MODES:
             out = engine.generate(chunks, q["question"], mode=mode, max_new_tokens=48)
             s = out.stats
-            ttft[mode] += s["ttft_s"]
+            ttft[mode] += s.ttft_s
             mark = ""
             if q["answer"] is not None:
                 correct[mode] = is_correct(out.text, q["answer"])
                 mark = "✓ " if correct[mode] else "✗ "
             print(
                 f"   {mode:<5} {mark}{out.text.strip()!r}\n"
-                f"         TTFT {s['ttft_s']:.3f} s, {s['n_recomputed']} of {s['n_tokens']} tokens computed"
+                f"         TTFT {s.ttft_s:.3f} s, {s.n_recomputed} of {s.n_tokens} tokens computed"
             )
         if correct.get("full") and not correct.get("blend"):
             wrong_blend += 1

@@ -226,8 +226,8 @@ class BlendConnector(KVConnectorBase_V1):
             "BlendConnector: request %s: wrote %d blended tokens (%d recomputed, %.2f s)",
             spec.req_id,
             spec.end - spec.start,
-            pre.stats["n_recomputed"],
-            pre.stats["ttft_s"],
+            pre.stats.n_recomputed,
+            pre.stats.ttft_s,
         )
 
     def wait_for_layer_load(self, layer_name: str) -> None:
