@@ -112,10 +112,10 @@ def query_once(retriever: Retriever, engine: BlendEngine, question: str, top_k: 
         "blend_s": t3 - t2,
         "first_token_s": t4 - t3,
         "total_s": t4 - t0,
-        "n_tokens": pre.stats["n_tokens"],
-        "n_recomputed": pre.stats["n_recomputed"],
-        "cache_hits": pre.stats["cache_hits"],
-        "cache_misses": pre.stats["cache_misses"],
+        "n_tokens": pre.stats.n_tokens,
+        "n_recomputed": pre.stats.n_recomputed,
+        "cache_hits": pre.stats.cache_hits,
+        "cache_misses": pre.stats.cache_misses,
     }
 
 

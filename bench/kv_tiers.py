@@ -55,8 +55,8 @@ def main(argv: list[str] | None = None) -> dict:
             for name, store, mode in variants:  # interleaved: load changes hit every variant alike
                 engine.store = stores[store]
                 stats = engine.prefill(chunks, question, mode=mode).stats
-                ttft[name].append(stats["ttft_s"])
-                hits[name] += stats["cache_hits"]
+                ttft[name].append(stats.ttft_s)
+                hits[name] += stats.cache_hits
     result = {
         "prompts": len(prompts),
         "repeats": args.repeats,

@@ -26,6 +26,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from bench.profile_blend import phase_ms
 from blendrag import BlendEngine
+from blendrag.stats import PrefillStats
 from blendrag.store import DiskStore
 from harness.data import DEFAULT_DATASET, load_prompts
 from harness.report import settings
@@ -51,7 +52,7 @@ def measure(
     cold: bool,
     repeats: int,
 ) -> dict[str, float]:
-    def prefill(name: str) -> dict:
+    def prefill(name: str) -> PrefillStats:
         if cold:
             evict(store, engines[name], chunks)
         return engines[name].prefill(chunks, question, mode="blend").stats
@@ -63,12 +64,12 @@ def measure(
     phases = phase_ms(prof.events())
     load_s = sum(phases[name] for name in LOAD_PHASES) / 1e3
     # Alternate the order so that neither side always runs on a warmer machine.
-    stats: dict[str, list[dict]] = {"foreground": [], "background": []}
+    stats: dict[str, list[PrefillStats]] = {"foreground": [], "background": []}
     for i in range(repeats):
         for name in ("foreground", "background")[:: 1 if i % 2 == 0 else -1]:
             stats[name].append(prefill(name))
-    fg, bg = (statistics.median(s["ttft_s"] for s in stats[name]) for name in ("foreground", "background"))
-    stall = statistics.median(s["load_stall_s"] for s in stats["background"])
+    fg, bg = (statistics.median(s.ttft_s for s in stats[name]) for name in ("foreground", "background"))
+    stall = statistics.median(s.load_stall_s for s in stats["background"])
     return {
         "load_s": load_s,
         "ttft_foreground_s": fg,

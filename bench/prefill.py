@@ -142,9 +142,9 @@ def timing_record(item: Item, chunks: list[str], runs: dict[str, Run]) -> dict[s
     return {
         "results": {
             name: {
-                "ttft_s": run.stats["ttft_s"],
+                "ttft_s": run.stats.ttft_s,
                 "answer": run.answer,
-                "cache_misses": run.stats.get("cache_misses", 0),
+                "cache_misses": run.stats.cache_misses,
             }
             for name, run in runs.items()
         }

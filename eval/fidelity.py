@@ -114,8 +114,8 @@ def score_variant(
         "first_miss": first_miss,  # answer tokens agreed before the first divergence
         "kl_first": kl_divergence(ref.first_logits, pre.logits),
         "delta_nll": float(nll.mean()) - sum(ref.nll) / len(ref.nll),
-        "ttft_s": pre.stats["ttft_s"],
-        "recomputed_frac": pre.stats["n_recomputed"] / pre.stats["n_tokens"],
+        "ttft_s": pre.stats.ttft_s,
+        "recomputed_frac": pre.stats.n_recomputed / pre.stats.n_tokens,
     }
 
 

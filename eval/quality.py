@@ -30,15 +30,15 @@ from harness.variants import METHODS, REFERENCE, Variant, build_variants, float_
 
 
 def score_run(run: Run, golds: list[str], ref: Run) -> dict[str, Any]:
-    n_tokens = run.stats["n_tokens"]
+    n_tokens = run.stats.n_tokens
     return {
         "answer": run.answer,
-        "ttft_s": run.stats["ttft_s"],
+        "ttft_s": run.stats.ttft_s,
         "n_tokens": n_tokens,
-        "n_recomputed": run.stats["n_recomputed"],
-        "recomputed_frac": run.stats["n_recomputed"] / n_tokens if n_tokens else 0.0,
-        "cache_hits": run.stats.get("cache_hits", 0),
-        "cache_misses": run.stats.get("cache_misses", 0),
+        "n_recomputed": run.stats.n_recomputed,
+        "recomputed_frac": run.stats.n_recomputed / n_tokens if n_tokens else 0.0,
+        "cache_hits": run.stats.cache_hits,
+        "cache_misses": run.stats.cache_misses,
         "f1": best_f1(run.answer, golds),
         "em": best_em(run.answer, golds),
         "rouge_l": best_rouge_l(run.answer, golds),

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from blendrag.stats import GenerationStats
 from harness.answers import clean_answer
 from harness.data import ChunkSource, Item
 from harness.variants import Variant, parse_spec
@@ -37,7 +38,7 @@ class Run:
 
     answer: str
     logits: torch.Tensor
-    stats: dict[str, Any]
+    stats: GenerationStats
 
 
 # What a caller keeps of one question: (item, its chunks, each variant's run by name) -> record.
@@ -59,7 +60,7 @@ def run_variant(
     kwargs = {"mode": variant.mode, "recompute_ratio": variant.ratio, "config": backend.config_for(variant)}
     # TTFT and first-token logits are the prefill's, which generate reports.
     out = backend.engine.generate(chunks, question, max_new_tokens=max_new_tokens, temperature=0.0, **kwargs)
-    return Run(clean_answer(out.text), out.first_logits, dict(out.stats))
+    return Run(clean_answer(out.text), out.first_logits, out.stats)
 
 
 def precompute_all(engine: Any, chunk_lists: list[list[str]]) -> int:

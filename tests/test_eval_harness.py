@@ -6,6 +6,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from blendrag.stats import GenerationStats
 from eval import quality
 from harness.data import write_corpus
 from harness.runner import Backend
@@ -60,8 +61,8 @@ class FakeEngine:
             assert all(c in self.stored for c in chunks), "chunk KV used before precompute"
         self.log.append(("call", mode, list(chunks)))
         ttft = {"full": 0.4, "prefix": 0.4, "reuse": 0.1}.get(mode, 0.1 + 0.5 * ratio)
-        stats = {"n_tokens": 100, "n_recomputed": round(100 * ratio), "ttft_s": ttft}
-        stats |= {"cache_hits": 0 if mode == "full" else len(chunks), "cache_misses": 0}
+        hits = 0 if mode == "full" else len(chunks)
+        stats = GenerationStats(mode, 100, round(100 * ratio), ratio, hits, 0, 0.0, ttft, 2, 0.01)
         if mode == "reuse":
             return "London", FLAT_LOGITS, stats
         return ("Paris France" if ratio < 0.15 else "Paris\nThe capital."), FULL_LOGITS.clone(), stats
