@@ -94,7 +94,7 @@ class VLLMBackend:
             model=model,
             # The fingerprint covers the dtype: in another dtype the connector would refuse every prompt.
             dtype=self.engine.dtype,
-            enforce_eager=True,  # as the connector's tests and eval/vllm_ttft.py run it
+            enforce_eager=True,  # as the connector's tests and bench/vllm_ttft.py run it
             kv_transfer_config=transfer,
             kv_cache_memory_bytes=None if self.kv_cache_gb is None else int(self.kv_cache_gb * GIB),
             disable_log_stats=False,  # per-request timestamps: the answer's ttft_s and decode_s
