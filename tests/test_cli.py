@@ -16,7 +16,7 @@ def test_query_with_chunks_file_prints_one_json_object(tiny_dirs, tmp_path, caps
     argv = ["query", "What is Alpha?", "--chunks-file", str(chunks), "--model", str(tiny_dirs["llama"])]
     assert main(argv + ["--mode", "blend", "--max-new-tokens", "4", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert set(out) == {"answer", "chunks", "stats", "retrieval_s"}
+    assert set(out) == {"answer", "chunks", "stats", "retrieval_s", "warmup_s"}
     assert out["stats"]["mode"] == "blend" and out["stats"]["n_generated"] <= 4
 
 

@@ -63,8 +63,7 @@ def run(args: argparse.Namespace) -> None:
     print(f"indexing {args.corpus} into {index_dir} ...")
     build_index([args.corpus], index_dir, engine)
     retriever = Retriever(index_dir)
-    # The first prefill of a process pays one-time costs (allocator, kernels); not a TTFT.
-    engine.generate(["Warm-up."], "Warm up?", mode="full", max_new_tokens=1)
+    common.warm_up(engine)
     ttft = {mode: 0.0 for mode in MODES}
     wrong_blend = 0
     for q in questions:
