@@ -22,7 +22,7 @@ import torch
 from torch.profiler import record_function
 
 from .config import MODES, BlendConfig, Mode
-from .errors import CorruptEntry
+from .errors import BlendRAGError, CorruptEntry
 from .forward import run_layers
 from .kvbuffer import KVBuffer
 from .loading import LoadedModel, blendrag_home, load_model
@@ -96,7 +96,8 @@ class BlendEngine:
         self.chunk_context = chunk_context
         self.prefetch = prefetch  # load reused KV layer by layer while computing (BlendEngine.prefill)
         self.rotary = Rotary(loaded.config, self.model.args.head_dim)
-        self.dtype = next(self.model.parameters()).dtype
+        weight = next(self.model.parameters())
+        self.dtype, self.device = weight.dtype, weight.device  # every tensor the engine makes
         self.eos_ids = _eos_ids(loaded)
         self.limits = PromptLimits(loaded.config.max_position_embeddings, max_question_chars)
 
@@ -107,7 +108,8 @@ class BlendEngine:
         *,
         store: KVStore | str | None = None,
         config: BlendConfig | None = None,
-        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
         threads: int | None = None,
         chunk_context: ChunkContext = "none",
         prompt_format: PromptFormat | None = None,
@@ -117,15 +119,25 @@ class BlendEngine:
         """Load a Llama-family checkpoint (default: the embedded SmolLM2-135M-Instruct).
 
         ``store`` is a ``KVStore`` or a spec for ``open_store`` (None: memory in front of
-        ``$BLENDRAG_HOME/kv``). ``max_question_chars``: the longest question a prompt may hold
-        (``limits``, which every front end's request is checked against)."""
+        ``$BLENDRAG_HOME/kv``). ``device``: default CUDA when available, else CPU; ``dtype``:
+        default bf16 on CUDA, fp32 on CPU. Stored KV stays in the store (host memory, disk or
+        Redis) and is copied to the device per request. ``max_question_chars``: the longest
+        question a prompt may hold (``limits``, which every front end's request is checked against)."""
         if threads is not None:
             torch.set_num_threads(threads)
         if store is None or isinstance(store, str):
             store = open_store(store or str(blendrag_home() / "kv"))
+        device, dtype = resolve_device(device, dtype)
         loaded = load_model(path, dtype)
+        loaded.model.to(device)
         pf = prompt_format or PromptFormat(loaded.tokenizer)
         return cls(loaded, store, config, pf, chunk_context, prefetch, max_question_chars)
+
+    def _arange(self, start: int, end: int) -> torch.Tensor:
+        return torch.arange(start, end, device=self.device)
+
+    def _ids(self, ids: list[int]) -> torch.Tensor:
+        return torch.tensor(ids, dtype=torch.long, device=self.device)
 
     # ---- chunk KV -------------------------------------------------------------------------
 
@@ -159,15 +171,16 @@ class BlendEngine:
 
     @torch.inference_mode()
     def _compute_segment(self, context: list[int], ids: list[int]) -> ChunkKV:
-        buf = KVBuffer(self.model.args, len(context) + len(ids), self.dtype)
+        buf = KVBuffer(self.model.args, len(context) + len(ids), self.dtype, self.device)
         if context:
             buf.load([(0, self._segment([], context)[0])], self.rotary)
         buf.length = len(context) + len(ids)
-        positions = torch.arange(len(context), buf.length)
+        positions = self._arange(len(context), buf.length)
         out = run_layers(
-            self.model, self.rotary, buf, torch.tensor(ids), positions, capture=True, last_row_only=True
+            self.model, self.rotary, buf, self._ids(ids), positions, capture=True, last_row_only=True
         )
-        return ChunkKV(torch.stack(out.captured_k), torch.stack(out.captured_v))
+        # Stored KV lives on the host: the store outlasts any one device buffer.
+        return ChunkKV(torch.stack(out.captured_k).cpu(), torch.stack(out.captured_v).cpu())
 
     def precompute(self, texts: list[str]) -> int:
         """Compute and store the KV of every chunk not yet in the store; returns how many."""
@@ -234,8 +247,8 @@ class BlendEngine:
         return Prefill(logits, stats, prompt, buf)
 
     def _run_prefill(self, mode: Mode, cfg: BlendConfig, prompt: RAGPrompt, capacity: int):
-        ids = torch.tensor(prompt.ids)
-        buf = KVBuffer(self.model.args, capacity, self.dtype)
+        ids = self._ids(prompt.ids)
+        buf = KVBuffer(self.model.args, capacity, self.dtype, self.device)
         buf.length = len(ids)
         positions, filters, hits, misses = self._plan(mode, cfg, prompt, buf)
         out = run_layers(self.model, self.rotary, buf, ids[positions], positions, filters, last_row_only=True)
@@ -245,7 +258,7 @@ class BlendEngine:
         """Load reused KV into ``buf``; return (positions to compute, filters, hits, misses)."""
         n = len(prompt.ids)
         if mode == "full":
-            return torch.arange(n), None, 0, 0
+            return self._arange(0, n), None, 0, 0
         exact_first = self.chunk_context == "prefix" and prompt.prefix == self.prompt_format.prefix_ids
         # prefix mode reuses only what is exact: the prefix, and the first chunk when it is exact.
         n_reused = (1 if exact_first else 0) if mode == "prefix" else len(prompt.chunks)
@@ -259,28 +272,27 @@ class BlendEngine:
             buf.load(segments, self.rotary, background=self.prefetch)
         misses = len(segments) - 1 - hits
         if mode == "prefix":
-            return torch.arange(segments[-1][0] + segments[-1][1].n_tokens, n), None, hits, misses
+            return self._arange(segments[-1][0] + segments[-1][1].n_tokens, n), None, hits, misses
         if mode == "reuse":
-            return torch.arange(prompt.suffix_start, n), None, hits, misses
+            return self._arange(prompt.suffix_start, n), None, hits, misses
         return (*self._blend_plan(cfg, prompt, exact_first, buf), hits, misses)
 
     def _blend_plan(self, cfg: BlendConfig, prompt: RAGPrompt, exact_first: bool, buf: KVBuffer):
         # An exact first chunk needs no recompute at all: it starts after the same prefix.
         skip = len(prompt.chunks[0]) if exact_first and prompt.chunks else 0
-        positions = torch.arange(len(prompt.prefix) + skip, len(prompt.ids))
-        forced = torch.tensor(
+        positions = self._arange(len(prompt.prefix) + skip, len(prompt.ids))
+        forced = self._ids(
             [
                 o + j
                 for o, c in zip(prompt.chunk_offsets(), prompt.chunks, strict=True)
                 for j in range(min(cfg.first_k, len(c)))
             ],
-            dtype=torch.long,
         )
         n_chunk_tokens = prompt.suffix_start - len(prompt.prefix)
         prior = None
         if cfg.selector == "preview":
-            suffix = torch.arange(prompt.suffix_start, len(prompt.ids))
-            ids = torch.tensor(prompt.suffix)
+            suffix = self._arange(prompt.suffix_start, len(prompt.ids))
+            ids = self._ids(prompt.suffix)
             with record_function("blendrag.preview"):
                 prior = preview_attention(cfg, self.model, self.rotary, buf, ids, suffix)
         return plan_selection(cfg, positions, n_chunk_tokens, prompt.suffix_start, forced, prior)
@@ -356,9 +368,21 @@ class BlendEngine:
         """Append ``token_ids`` at the next positions of ``buf``; their next-token logits."""
         start = buf.length
         buf.length += len(token_ids)
-        positions = torch.arange(start, buf.length)
-        out = run_layers(self.model, self.rotary, buf, torch.tensor(token_ids), positions)
+        positions = self._arange(start, buf.length)
+        out = run_layers(self.model, self.rotary, buf, self._ids(token_ids), positions)
         return self.model.logits(out.hidden)
+
+
+def resolve_device(
+    device: torch.device | str | None, dtype: torch.dtype | None
+) -> tuple[torch.device, torch.dtype]:
+    """The engine's device (default CUDA when available, else CPU) and dtype (default bf16 on
+    CUDA, where it halves memory and doubles tensor-core throughput; fp32 on CPU, where bf16
+    matmuls are slower on most cores)."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BlendRAGError(f"device {str(device)!r}: CUDA is not available on this machine")
+    return device, dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
 
 
 def segment_key(fingerprint: str, context: list[int], ids: list[int]) -> str:

@@ -24,7 +24,7 @@ class Sampler:
             return int(logits.argmax())
         # In float64 (a temperature like 1e-300 is 0 in float32) and shifted so the top logit is 0:
         # a tiny temperature then sends the others to -inf, never to inf or nan.
-        logits = logits.double()
+        logits = logits.double().cpu()  # the generator is a CPU one, whatever the device
         probs = torch.softmax((logits - logits.max()) / p.temperature, dim=-1)
         if p.top_p < 1.0:
             sorted_probs, order = probs.sort(descending=True)

@@ -50,7 +50,7 @@ def preview_attention(
     question: the answer's tokens read other chunk tokens than the question does. What this
     leaves in ``kv`` (the question's K/V, drafts past ``kv.length``) is overwritten later."""
     n_prompt = kv.length
-    total = torch.zeros(n_prompt + config.preview_draft)
+    total = torch.zeros(n_prompt + config.preview_draft, device=kv.k.device)
 
     def attend_and_record(
         q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, q_positions: torch.Tensor
@@ -66,7 +66,7 @@ def preview_attention(
     for _ in range(config.preview_draft):
         token = model.logits(out.last_hidden).argmax()
         kv.length += 1
-        position = torch.tensor([kv.length - 1])
+        position = torch.tensor([kv.length - 1], device=kv.k.device)
         out = run_layers(model, rotary, kv, token[None], position, attention=attend_and_record)
     kv.length = n_prompt
     return total[:n_prompt]

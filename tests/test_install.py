@@ -47,7 +47,7 @@ def test_core_install_runs_the_engine_without_extras(core_venv, tiny_dirs):
         "assert all(importlib.util.find_spec(m) is None for m in ('faiss', 'fastapi', 'redis'))\n"
         f"engine = BlendEngine.from_pretrained({str(tiny_dirs['llama'])!r}, store='memory')\n"
         "out = engine.generate(['Alpha is a cat.', 'Beta is a dog.'], 'What is Alpha?', max_new_tokens=3)\n"
-        "print(out.stats['n_tokens'] if isinstance(out.stats, dict) else out.stats.n_tokens)\n"
+        "print(out.stats.n_tokens)\n"
     )
     done = installed(core_venv, "python", "-c", code)
     assert done.returncode == 0, done.stderr[-2000:]
