@@ -379,7 +379,10 @@ def resolve_device(
     """The engine's device (default CUDA when available, else CPU) and dtype (default bf16 on
     CUDA, where it halves memory and doubles tensor-core throughput; fp32 on CPU, where bf16
     matmuls are slower on most cores)."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as err:
+        raise BlendRAGError(f"device {device!r}: {err}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise BlendRAGError(f"device {str(device)!r}: CUDA is not available on this machine")
     return device, dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)

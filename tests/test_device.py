@@ -34,6 +34,8 @@ def test_defaults_are_cpu_fp32_without_cuda(tiny_dirs):
     assert engine.device == torch.device("cpu") and engine.dtype == torch.float32
     with pytest.raises(BlendRAGError, match="CUDA is not available"):
         resolve_device("cuda", None)
+    with pytest.raises(BlendRAGError, match="'gpu'"):
+        resolve_device("gpu", None)
 
 
 @pytest.mark.parametrize(("mode", "config"), MODES_AND_CONFIGS)

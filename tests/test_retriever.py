@@ -516,7 +516,7 @@ def run_cli(argv: list[str]) -> None:
 
 def test_index_and_query_commands(tmp_path, monkeypatch, capsys, engine):
     kv_specs = []
-    monkeypatch.setattr(cli_common, "load_engine", lambda model, kv: kv_specs.append(kv) or engine)
+    monkeypatch.setattr(cli_common, "load_engine", lambda model, kv, *_: kv_specs.append(kv) or engine)
     index_dir = str(tmp_path / "index")
     run_cli(
         ["index", str(CORPUS / "marisco_lantern_night.md"), "--index-dir", index_dir, "--chunk-tokens", "64"]

@@ -33,11 +33,28 @@ def index_kv_store(index_dir: Path, kv_store: str | None) -> str:
     return kv_store or str(index_dir / KV_DIR_NAME)
 
 
-def load_engine(model: str | None, kv_store: str | None) -> BlendEngine:
-    """The engine over ``kv_store`` (None: memory only)."""
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def add_device_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--device", help="where the model computes, e.g. cpu, cuda, cuda:1 (default: cuda if available)"
+    )
+    parser.add_argument(
+        "--dtype", choices=DTYPES, help="model and KV precision (default: bfloat16 on CUDA, float32 on CPU)"
+    )
+
+
+def load_engine(
+    model: str | None, kv_store: str | None, device: str | None = None, dtype: str | None = None
+) -> BlendEngine:
+    """The engine over ``kv_store`` (None: memory only) on ``device`` in ``dtype`` (None: defaults)."""
+    import torch
+
     from blendrag.engine import BlendEngine
 
-    return BlendEngine.from_pretrained(model, store=kv_store or "memory")
+    torch_dtype = getattr(torch, dtype) if dtype is not None else None
+    return BlendEngine.from_pretrained(model, store=kv_store or "memory", device=device, dtype=torch_dtype)
 
 
 def warm_up(engine: BlendEngine) -> float:

@@ -27,6 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     demo.add_argument("--question", default=None, help="ask this question instead of the samples")
     demo.add_argument("--top-k", type=common.positive_int, default=4)
+    common.add_device_args(demo)
     demo.set_defaults(func=run)
 
 
@@ -59,7 +60,7 @@ def run(args: argparse.Namespace) -> None:
         else sample_questions()[: args.questions]
     )
     index_dir = args.index_dir or blendrag_home() / "sample-index"
-    engine = common.load_engine(None, common.index_kv_store(index_dir, None))
+    engine = common.load_engine(None, common.index_kv_store(index_dir, None), args.device, args.dtype)
     print(f"indexing {args.corpus} into {index_dir} ...")
     build_index([args.corpus], index_dir, engine)
     retriever = Retriever(index_dir)

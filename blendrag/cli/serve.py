@@ -52,6 +52,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="--backend vllm: vLLM's paged KV cache in GiB (default: vLLM's; on its CPU build "
         "$VLLM_CPU_KVCACHE_SPACE, which also overrides this flag)",
     )
+    common.add_device_args(serve)
     serve.set_defaults(func=run)
 
 
@@ -81,7 +82,7 @@ def run(args: argparse.Namespace) -> None:
     kv_store = common.index_kv_store(args.index_dir, args.kv_store)
     check_backend(args, kv_store)
     # The engine loads with either backend: it tokenizes prompts, and indexes documents' KV.
-    engine = common.load_engine(args.model, kv_store)
+    engine = common.load_engine(args.model, kv_store, args.device, args.dtype)
     backend = None  # create_app's default: the engine itself
     if args.backend == "vllm":
         from blendrag.api.vllm_backend import VLLMBackend
