@@ -109,7 +109,7 @@ class BlendEngine:
         store: KVStore | str | None = None,
         config: BlendConfig | None = None,
         device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
+        dtype: torch.dtype | str | None = None,
         threads: int | None = None,
         chunk_context: ChunkContext = "none",
         prompt_format: PromptFormat | None = None,
@@ -119,10 +119,11 @@ class BlendEngine:
         """Load a Llama-family checkpoint (default: the embedded SmolLM2-135M-Instruct).
 
         ``store`` is a ``KVStore`` or a spec for ``open_store`` (None: memory in front of
-        ``$BLENDRAG_HOME/kv``). ``device``: default CUDA when available, else CPU; ``dtype``:
-        default bf16 on CUDA, fp32 on CPU. Stored KV stays in the store (host memory, disk or
-        Redis) and is copied to the device per request. ``max_question_chars``: the longest
-        question a prompt may hold (``limits``, which every front end's request is checked against)."""
+        ``$BLENDRAG_HOME/kv``). ``device``: default CUDA when available, else CPU; ``dtype`` (a
+        ``torch.dtype`` or its name): default bf16 on CUDA, fp32 on CPU. Stored KV stays in the
+        store (host memory, disk or Redis) and is copied to the device per request.
+        ``max_question_chars``: the longest question a prompt may hold (``limits``, which every
+        front end's request is checked against)."""
         if threads is not None:
             torch.set_num_threads(threads)
         if store is None or isinstance(store, str):
@@ -374,7 +375,7 @@ class BlendEngine:
 
 
 def resolve_device(
-    device: torch.device | str | None, dtype: torch.dtype | None
+    device: torch.device | str | None, dtype: torch.dtype | str | None
 ) -> tuple[torch.device, torch.dtype]:
     """The engine's device (default CUDA when available, else CPU) and dtype (default bf16 on
     CUDA, where it halves memory and doubles tensor-core throughput; fp32 on CPU, where bf16
@@ -385,6 +386,10 @@ def resolve_device(
         raise BlendRAGError(f"device {device!r}: {err}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise BlendRAGError(f"device {str(device)!r}: CUDA is not available on this machine")
+    if isinstance(dtype, str):
+        if not isinstance(getattr(torch, dtype, None), torch.dtype):
+            raise BlendRAGError(f"dtype {dtype!r}: not a torch dtype (e.g. float32, bfloat16)")
+        dtype = getattr(torch, dtype)
     return device, dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
 
 

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from blendrag.cli.common import add_device_args
 from eval.metrics import kl_divergence
 from harness.data import Item, dataset_chunks, load_dataset
 from harness.report import settings
@@ -172,6 +173,7 @@ def add_screen_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=6)
     p.add_argument("--kv-store", default=None)
     p.add_argument("--model", default=None)
+    add_device_args(p)
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--ref-cache", type=Path, default=Path("runs/fidelity-refs"))
     p.add_argument("--out", type=Path, default=None)
@@ -194,7 +196,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         items = load_dataset(args.dataset, None)[args.skip : args.skip + args.n if args.n else None]
     except (ValueError, OSError) as err:
         raise SystemExit(f"error: {err}") from None
-    backend = load_backend(args.model, args.kv_store, args.chunk_context)
+    backend = load_backend(args.model, args.kv_store, args.chunk_context, args.device, args.dtype)
     start = time.perf_counter()
     records = evaluate(backend, items, variants, args.top_k, args.max_new_tokens, args.ref_cache)
     summary = summarize_all(records, variants)

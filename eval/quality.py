@@ -20,6 +20,7 @@ from typing import Any
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from blendrag.cli.common import add_device_args
 from eval.metrics import best_rouge_l, kl_divergence
 from harness.answers import best_em, best_f1, f1_score
 from harness.data import ChunkSource, Item, dataset_chunks, load_dataset
@@ -222,6 +223,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--kv-store", default=None, help="KV store spec (default: the engine's default)")
     p.add_argument("--chunk-context", default="none", choices=["none", "prefix"])
     p.add_argument("--model", default=None, help="local checkpoint dir (default: the engine's default model)")
+    add_device_args(p)
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument(
         "--out", type=Path, default=None, help="write records and summary as JSON (after every question)"
@@ -294,7 +296,7 @@ def main(argv: Sequence[str] | None = None, backend_factory: Callable[..., Backe
         done = resumed_records(args, items)
     except (ValueError, OSError) as err:
         raise SystemExit(f"error: {err}") from None
-    backend = backend_factory(args.model, args.kv_store, args.chunk_context)
+    backend = backend_factory(args.model, args.kv_store, args.chunk_context, args.device, args.dtype)
     try:
         # A bad ratio or selector should fail now, not after minutes of precompute.
         for variant in variants:

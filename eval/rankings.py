@@ -156,7 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         items = load_dataset(args.dataset, args.n)
     except (ValueError, OSError) as err:
         raise SystemExit(f"error: {err}") from None
-    backend = load_backend(args.model, args.kv_store)
+    backend = load_backend(args.model, args.kv_store, device=args.device, dtype=args.dtype)
     records = evaluate(backend, items, rankings, args.ratios, args.top_k, args.max_new_tokens, args.ref_cache)
     variants = [Variant(name, "blend") for name in records[0]["results"]] if records else []
     summary = summarize_all(records, variants)

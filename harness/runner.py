@@ -45,11 +45,19 @@ class Run:
 RecordFn = Callable[[Item, list[str], dict[str, Run]], dict[str, Any]]
 
 
-def load_backend(model: str | None, kv_store: str | None = None, chunk_context: str = "none") -> Backend:
+def load_backend(
+    model: str | None,
+    kv_store: str | None = None,
+    chunk_context: str = "none",
+    device: str | None = None,
+    dtype: str | None = None,
+) -> Backend:
     # Imported here so that the harness (and its tests) load without the engine's heavy imports.
     from blendrag import BlendConfig, BlendEngine
 
-    engine = BlendEngine.from_pretrained(path=model, store=kv_store, chunk_context=chunk_context)
+    engine = BlendEngine.from_pretrained(
+        path=model, store=kv_store, chunk_context=chunk_context, device=device, dtype=dtype
+    )
     return Backend(engine, BlendConfig())
 
 

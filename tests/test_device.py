@@ -36,6 +36,9 @@ def test_defaults_are_cpu_fp32_without_cuda(tiny_dirs):
         resolve_device("cuda", None)
     with pytest.raises(BlendRAGError, match="'gpu'"):
         resolve_device("gpu", None)
+    assert resolve_device("cpu", "bfloat16") == (torch.device("cpu"), torch.bfloat16)
+    with pytest.raises(BlendRAGError, match="not a torch dtype"):
+        resolve_device("cpu", "bf16")
 
 
 @pytest.mark.parametrize(("mode", "config"), MODES_AND_CONFIGS)

@@ -49,12 +49,9 @@ def load_engine(
     model: str | None, kv_store: str | None, device: str | None = None, dtype: str | None = None
 ) -> BlendEngine:
     """The engine over ``kv_store`` (None: memory only) on ``device`` in ``dtype`` (None: defaults)."""
-    import torch
-
     from blendrag.engine import BlendEngine
 
-    torch_dtype = getattr(torch, dtype) if dtype is not None else None
-    return BlendEngine.from_pretrained(model, store=kv_store or "memory", device=device, dtype=torch_dtype)
+    return BlendEngine.from_pretrained(model, store=kv_store or "memory", device=device, dtype=dtype)
 
 
 def warm_up(engine: BlendEngine) -> float:
