@@ -2,7 +2,8 @@
 
 One ``LLM`` serves every test (it takes about a minute to start); the recompute ratio and the
 chunk structure are per-request ``kv_transfer_params``. vLLM's own ``num_cached_tokens`` tells
-how much of the prompt it did not compute: ``len(prompt) - 1`` on a hit, 0 on a fallback.
+how much of the prompt it did not compute: ``len(prompt) - 1`` on a hit, 0 on a fallback; the
+connector's report (``blend_report``) comes back in ``kv_transfer_params``.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from conftest import SAMPLE_CORPUS
 
 from blendrag import BlendEngine
 from blendrag.vllm import blend_request
+from blendrag.vllm.client import blend_report
 from harness.data import chunk_text
 
 vllm = pytest.importorskip("vllm")
@@ -45,6 +47,7 @@ def llm(store_engine, store_dir):
         kv_connector_module_path="blendrag.vllm.connector",
         kv_role="kv_both",
         kv_connector_extra_config={"store": str(store_dir)},
+        kv_load_failure_policy="recompute",
     )
     llm = vllm.LLM(
         model=str(store_engine.model_path),
@@ -95,6 +98,9 @@ def test_hit_computes_only_the_last_token_and_equals_blendrag(llm, store_engine)
     # The KV vLLM decodes from is blendrag's blend: the same greedy text as blendrag's own decoding.
     own = store_engine.generate(chunks, question, recompute_ratio=0.15, max_new_tokens=MAX_TOKENS)
     assert out.outputs[0].text == own.text
+    report = blend_report(out.kv_transfer_params)
+    assert report.error is None and report.n_written == len(request.prompt_token_ids) - 1
+    assert report.n_recomputed == own.stats.n_recomputed and report.cache_hits == len(chunks)
 
 
 def test_repeated_blend_is_served_from_vllms_prefix_cache(llm, store_engine):
@@ -109,6 +115,25 @@ def test_repeated_blend_is_served_from_vllms_prefix_cache(llm, store_engine):
     block_size = llm.llm_engine.vllm_config.cache_config.block_size
     assert again.num_cached_tokens == (n - 1) // block_size * block_size  # vLLM's own blocks only
     assert again.outputs[0].text == first.outputs[0].text
+    assert blend_report(first.kv_transfer_params) is not None
+    assert blend_report(again.kv_transfer_params) is None
+
+
+def test_a_failed_blend_is_prefilled_by_vllm(llm, store_engine):
+    """A chunk's entry the scheduler sees but the worker cannot read (a directory where its file
+    was): the worker reports the request's blocks as failed, and vLLM prefills the prompt itself."""
+    chunks = sample_chunks(["hollin_ridge_observatory.txt", "vellmark_history.md"])
+    store_engine.precompute(chunks)
+    path = store_engine.store.tiers[1].path(store_engine.chunk_key(chunks[0]))
+    path.unlink()
+    path.mkdir()
+    request = blend_request(store_engine.prompt_format, chunks, "When was the observatory built?")
+    try:
+        out = blended(llm, request)
+    finally:
+        path.rmdir()
+    assert blend_report(out.kv_transfer_params).error.startswith("IsADirectoryError")
+    assert out.outputs[0].text == plain(llm, request.prompt_token_ids).outputs[0].text
 
 
 FALLBACK_QUESTION = "In which year was the lighthouse first lit?"
@@ -140,7 +165,7 @@ def test_fallback_is_a_normal_prefill(llm, store_engine, case):
     if case == "no_cache_salt":
         del prompt["cache_salt"]
     out = generate(llm, prompt, extra_args)
-    assert out.num_cached_tokens == 0
+    assert out.num_cached_tokens == 0 and blend_report(out.kv_transfer_params) is None
     assert out.outputs[0].text == plain(llm, request.prompt_token_ids).outputs[0].text
     if case == "store_miss":  # the lighthouse chunk is stored (by other tests), the first is not
         assert not store_engine.has_kv(chunks[0])  # and the lookup computed nothing
