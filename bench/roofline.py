@@ -63,8 +63,8 @@ class Phase:
         self.flops += flops
         self.bytes += nbytes
 
-    def ms(self, bandwidth_gbs: float = HBM_GBS) -> float:
-        return 1e3 * max(self.flops / (PEAK_TFLOPS * 1e12), self.bytes / (bandwidth_gbs * 1e9))
+    def ms(self, bandwidth_gbs: float = HBM_GBS, peak_tflops: float = PEAK_TFLOPS) -> float:
+        return 1e3 * max(self.flops / (peak_tflops * 1e12), self.bytes / (bandwidth_gbs * 1e9))
 
 
 def linear(s: Shape, phase: Phase, tokens: int, params: int) -> None:
@@ -81,8 +81,18 @@ def attention(s: Shape, phase: Phase, queries: int, keys: int, visible: float) -
 
 
 def model(
-    s: Shape, n_chunk: int, q: int, mode: str, ratio: float, check: int, pcie_gbs: float = PCIE_GBS
+    s: Shape,
+    n_chunk: int,
+    q: int,
+    mode: str,
+    ratio: float,
+    check: int,
+    pcie_gbs: float = PCIE_GBS,
+    hbm_gbs: float = HBM_GBS,
+    peak_tflops: float = PEAK_TFLOPS,
 ) -> dict[str, float]:
+    """The phases' times and both TTFTs in ms; the ceilings default to the H100 datasheet's
+    (bench.gpu_check passes the ones it measured)."""
     t, big_l = n_chunk + q, s.n_layers
     # Attention split in two: within each, every layer has the same shape, so max() of the sums
     # is the sum of the per-layer max()es.
@@ -109,16 +119,20 @@ def model(
     load_pcie = Phase(0.0, kv_chunk_bytes)
     logits = Phase()
     linear(s, logits, 1, s.vocab * s.dim)
-    attn_ms = attn_all.ms() + attn_sel.ms()
-    compute = all_tok.ms() + recompute.ms() + attn_ms + logits.ms()
+
+    def ms(phase: Phase, bandwidth_gbs: float = hbm_gbs) -> float:
+        return phase.ms(bandwidth_gbs, peak_tflops)
+
+    attn_ms = ms(attn_all) + ms(attn_sel)
+    compute = ms(all_tok) + ms(recompute) + attn_ms + ms(logits)
     reused = mode != "full"
-    hbm_ms = load_hbm.ms() if reused else 0.0
-    pcie_ms = load_pcie.ms(pcie_gbs) if reused else 0.0
+    hbm_ms = ms(load_hbm) if reused else 0.0
+    pcie_ms = ms(load_pcie, pcie_gbs) if reused else 0.0
     return {
-        "all_token_ms": all_tok.ms(),
-        "recompute_ms": recompute.ms(),
+        "all_token_ms": ms(all_tok),
+        "recompute_ms": ms(recompute),
         "attention_ms": attn_ms,
-        "logits_ms": logits.ms(),
+        "logits_ms": ms(logits),
         "kv_hbm_ms": hbm_ms,
         "kv_pcie_ms": pcie_ms,
         "ttft_gpu_kv_ms": compute + hbm_ms,
