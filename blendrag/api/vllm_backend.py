@@ -114,13 +114,13 @@ class VLLMBackend:
             llm.shutdown()
 
     def open(self, chunks: list[str], request: RAGRequest) -> VLLMDecoding:
-        from vllm import SamplingParams
-        from vllm.sampling_params import RequestOutputKind
-
         sampling = request.sampling
         # The engine's length check, before vLLM sees the request (vLLM's max_model_len is the
         # same config's max_position_embeddings).
         ids = self.engine.build_prompt(chunks, request.question, sampling.max_new_tokens).ids
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
         extra_args: dict[str, Any] | None = None
         if request.mode == "blend":
             blend = blend_request(
