@@ -52,7 +52,7 @@ class Metrics:
         hit_rate.set_function(lambda: _ratio(self._totals["hit"], self._totals["hit"] + self._totals["miss"]))
         fraction = Gauge(
             "blendrag_recomputed_token_fraction",
-            "Recomputed / prefilled prompt tokens since start (the vllm backend does not report recomputed)",
+            "Recomputed / prefilled prompt tokens since start (of prompts whose recomputed count is known)",
             registry=self.registry,
         )
         fraction.set_function(lambda: _ratio(self._totals["recomputed"], self._totals["prompt"]))

@@ -10,10 +10,11 @@ What changes against the engine backend (``backend.EngineBackend``):
   computes the last prompt token and decodes. ``full`` sends the same ids without chunk structure,
   so vLLM prefills them itself. ``reuse`` and ``prefix`` are modes of blendrag's own prefill that
   the connector does not run: ``RAGService`` refuses them with a 400.
-- Stats (``VLLMStats``, the engine's ``GenerationStats`` and vLLM's ``num_cached_tokens``): vLLM
-  does not report how many tokens the connector recomputed, nor its compute share or load stalls
-  (None); whether the connector blended the prompt is read from ``num_cached_tokens``; ``ttft_s``
-  and ``decode_s`` are vLLM's own per-request timestamps.
+- Stats (``VLLMStats``, the engine's ``GenerationStats`` and vLLM's ``num_cached_tokens``): the
+  connector's report (``blend_report``: tokens recomputed, compute share, load stall, chunk hits)
+  when vLLM hands it back; without one (a fallback, or an answer that ended before the report
+  reached vLLM's scheduler) those are None and whether the connector blended the prompt is read
+  from ``num_cached_tokens``; ``ttft_s`` and ``decode_s`` are vLLM's own per-request timestamps.
 - A request's ``blend`` may differ from the engine's ``BlendConfig`` in its ratio only: the
   connector runs the engine's settings, and takes a ratio per request.
 
@@ -35,6 +36,7 @@ from blendrag.errors import BlendRAGError
 from blendrag.request import RAGRequest
 from blendrag.stats import GenerationStats
 from blendrag.vllm import blend_request
+from blendrag.vllm.client import BlendReport, blend_report
 
 if TYPE_CHECKING:
     from vllm import RequestOutput, SamplingParams
@@ -89,6 +91,7 @@ class VLLMBackend:
             kv_connector_module_path="blendrag.vllm.connector",
             kv_role="kv_both",
             kv_connector_extra_config=extra,
+            kv_load_failure_policy="recompute",  # a failed blend: vLLM prefills the prompt itself
         )
         return AsyncEngineArgs(
             model=model,
@@ -225,19 +228,25 @@ class VLLMDecoding:
             raise RuntimeError(f"vLLM ended request {self._request_id} with {finish_reason!r}")
         n_tokens = len(self._prompt["prompt_token_ids"])
         cached = out.num_cached_tokens
-        # On a hit the connector reports every prompt token but the last as computed (it only
-        # takes prompts whose chunks are all stored); a fallback is vLLM's own full prefill.
-        blended = self._mode == "blend" and cached is not None and cached >= n_tokens - 1
         looked_up = self._n_chunks if self._mode == "blend" else 0
+        report = blend_report(out.kv_transfer_params)
+        if report is None:
+            # On a hit the connector reports every prompt token but the last as computed (it only
+            # takes prompts whose chunks are all stored); a fallback is vLLM's own full prefill.
+            blended = self._mode == "blend" and cached is not None and cached >= n_tokens - 1
+            hits = looked_up if blended else 0
+            report = BlendReport(cache_hits=hits, cache_misses=looked_up - hits)
+        elif report.error is not None:  # the blend failed: vLLM prefilled the prompt itself
+            report = BlendReport(cache_misses=looked_up)
         timing = out.metrics  # vLLM engine-core timestamps (None if its stats were off)
         stats = VLLMStats(
             mode=self._mode,
             n_tokens=n_tokens,
-            n_recomputed=None,  # counted by the connector inside vLLM's worker, not reported back
-            compute_fraction=None,
-            cache_hits=looked_up if blended else 0,
-            cache_misses=0 if blended else looked_up,
-            load_stall_s=None,
+            n_recomputed=report.n_recomputed,
+            compute_fraction=report.compute_fraction,
+            cache_hits=report.cache_hits,
+            cache_misses=report.cache_misses,
+            load_stall_s=report.load_stall_s,
             ttft_s=timing.first_token_ts - timing.scheduled_ts if timing else None,
             n_generated=len(self._token_ids),
             decode_s=timing.last_token_ts - timing.first_token_ts if timing else None,
