@@ -88,6 +88,21 @@ def _convert_gguf(src_dir: Path, gguf_file: str, target: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+@contextmanager
+def quiet_hf_progress() -> Iterator[None]:
+    """transformers' progress bars off for the duration of a load that takes a moment: its
+    ``Loading weights 103/103`` bar would otherwise appear on every command."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
 @dataclass
 class LoadedModel:
     model: Transformer

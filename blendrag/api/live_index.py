@@ -62,7 +62,8 @@ class LiveIndex:
             path = Path(tmp) / "documents.jsonl"
             lines = (json.dumps({"id": d.id, "text": d.text, "metadata": d.metadata}) for d in documents)
             path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-            counts = build_index([path], self.path, self.engine, embedder=self.embedder)
+            # No progress bar in a server's log, terminal or not.
+            counts = build_index([path], self.path, self.engine, embedder=self.embedder, progress=False)
         self._reopen()
         return counts
 

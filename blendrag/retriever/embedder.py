@@ -41,11 +41,13 @@ class Embedder:
             from sentence_transformers import SentenceTransformer
         except ImportError as err:
             raise missing_extra("retriever", "blendrag's embedder", err) from err
+        from blendrag.loading import quiet_hf_progress
 
         path = resolve(name)
         self.name = name if name == DEFAULT_EMBEDDER else str(path.resolve())
         self.batch_size = batch_size
-        self.model = SentenceTransformer(str(path), local_files_only=True)
+        with quiet_hf_progress():
+            self.model = SentenceTransformer(str(path), local_files_only=True)
         # Renamed in sentence-transformers 6; the old name still exists back to 3.0.
         dimension = getattr(
             self.model, "get_embedding_dimension", self.model.get_sentence_embedding_dimension

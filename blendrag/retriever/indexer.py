@@ -55,8 +55,11 @@ def build_index(
     batch_size: int = DEFAULT_BATCH_SIZE,
     embedder: Embedder | None = None,
     hnsw_threshold: int = DEFAULT_HNSW_THRESHOLD,
+    progress: bool | None = None,
 ) -> dict[str, int]:
-    """Index ``paths`` into ``index_dir``; returns counts of chunks added, removed, KV computed."""
+    """Index ``paths`` into ``index_dir``; returns counts of chunks added, removed, KV computed.
+
+    ``progress``: a progress bar on stderr (None: only when stderr is a terminal)."""
     documents = read_documents(paths)  # invariant 5: every input is checked before any write
     planned = [row for doc in documents for row in chunk_document(doc, engine, chunk_tokens, overlap)]
     with IndexDir(Path(index_dir), create=True) as index:
@@ -70,7 +73,7 @@ def build_index(
         new = [row for row in planned if row.hash not in states]
         kv_todo = [(states[r.hash][0], r) for r in planned if r.hash in states and not states[r.hash][1]]
         index.sync_vectors(n_expected=len(states) + len(new), hnsw_threshold=hnsw_threshold)
-        n_computed = _add(index, engine, embedder, documents, new, kv_todo, batch_size)
+        n_computed = _add(index, engine, embedder, documents, new, kv_todo, batch_size, progress)
         return {"added": len(new), "removed": n_removed, "kv_computed": n_computed}
 
 
@@ -105,10 +108,11 @@ def _add(
     new: list[ChunkRow],
     kv_todo: list[tuple[int, ChunkRow]],
     batch_size: int,
+    show_progress: bool | None,
 ) -> int:
     """Finish the KV of stored chunks, then embed, store and precompute new ones, batch by batch."""
     by_id = {doc.id: doc for doc in documents}
-    progress = _Progress([row for _, row in kv_todo] + new)
+    progress = _Progress([row for _, row in kv_todo] + new, show_progress)
     last_save = time.monotonic()
     n_computed = 0
     for batch in _batched(kv_todo, batch_size):
@@ -200,9 +204,11 @@ def _precompute(index: IndexDir, engine, batch: list[tuple[int, ChunkRow]], prog
 class _Progress:
     """Progress in tokens (tokens/s and ETA are what matter), with a chunk counter beside it."""
 
-    def __init__(self, rows: list[ChunkRow]):
+    def __init__(self, rows: list[ChunkRow], show: bool | None):
         total = sum(row.n_tokens for row in rows)
-        self.bar = tqdm(total=total, unit="tok", unit_scale=True, desc="indexing", disable=not rows)
+        # tqdm's disable=None: shown only when stderr is a terminal.
+        disable = True if not rows else None if show is None else not show
+        self.bar = tqdm(total=total, unit="tok", unit_scale=True, desc="indexing", disable=disable)
         self.n_chunks, self.total_chunks = 0, len(rows)
 
     def advance(self, rows: list[ChunkRow]) -> None:
