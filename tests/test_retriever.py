@@ -399,6 +399,7 @@ def test_sigkill_mid_run_then_resume(tmp_path, embedder, clean, seed):
     time.sleep(delay_s)  # land somewhere inside the next batch
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    proc.stdout.close()
     assert 0 < index_stats(index_dir)["chunks"] < clean["n_rows"]
     build_index([CORPUS], index_dir, FakeEngine(), chunk_tokens=CHUNK_TOKENS, embedder=embedder)
     assert snapshot(index_dir) == clean
