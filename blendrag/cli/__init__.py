@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from blendrag.errors import BlendRAGError
@@ -27,8 +28,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def sleep_at_barriers() -> None:
+    """OpenMP threads that sleep at once when they wait for each other, instead of spinning for
+    a while: on a CPU shared with other work the spinning holds cores the slowest thread needs
+    (see bench/busy_cpu.py). libgomp reads the policy once, when torch loads it, so this must run
+    before any subcommand imports torch; a user's own OMP_WAIT_POLICY or GOMP_SPINCOUNT wins."""
+    if "torch" not in sys.modules and not {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} & set(os.environ):
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    sleep_at_barriers()
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s"
     )
