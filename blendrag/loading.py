@@ -82,7 +82,10 @@ def _convert_gguf(src_dir: Path, gguf_file: str, target: Path) -> None:
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        tmp.chmod(0o755)  # mkdtemp's 0o700 would keep the shared model from other users
+        # mkdtemp's 0o700 (and the weights file's 0o600) would keep the model from other users.
+        tmp.chmod(0o755)
+        for f in tmp.iterdir():
+            f.chmod(0o755 if f.is_dir() else 0o644)
         os.replace(tmp, target)  # atomic: a killed conversion never leaves a half-written model
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -62,5 +62,6 @@ def test_two_processes_convert_the_real_model_at_once(tmp_path):
     assert [out.strip() for out, _ in outs] == [str(target)] * 2
     assert sum("to safetensors once" in err for _, err in outs) == 1  # one converted, one waited
     assert stat.S_IMODE(target.stat().st_mode) == 0o755
+    assert {stat.S_IMODE(f.stat().st_mode) for f in target.iterdir()} == {0o644}
     assert json.loads((target / "config.json").read_text())["model_type"] == "llama"
     assert not [p for p in target.parent.iterdir() if p.name.startswith(".convert-")]
