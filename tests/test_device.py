@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_engine import CHUNKS, QUESTION
+from test_engine import CHUNKS, QUESTION, RATIO_ONE_CONFIGS
 
 from blendrag import BlendConfig, BlendEngine
 from blendrag.engine import resolve_device
@@ -78,14 +78,7 @@ def test_bf16_and_fp32_engines_never_share_kv(tiny_dirs, bf16_engine):
     assert tiny(tiny_dirs).fingerprint != bf16_engine.fingerprint
 
 
-@pytest.mark.parametrize(
-    "config",
-    [
-        BlendConfig(recompute_ratio=1.0, selector="deviation", check_layer=1),
-        BlendConfig(recompute_ratio=1.0, selector="preview", check_layer=0, preview_draft=3),
-    ],
-    ids=["deviation", "preview"],
-)
+@RATIO_ONE_CONFIGS
 def test_bf16_blend_at_ratio_one_equals_full(bf16_engine, config):
     full = bf16_engine.prefill(CHUNKS, QUESTION, mode="full")
     blend = bf16_engine.prefill(CHUNKS, QUESTION, mode="blend", config=config)

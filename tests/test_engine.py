@@ -20,7 +20,8 @@ CHUNKS = [
 QUESTION = "Who built the lighthouse at Varden Point?"
 
 
-@pytest.mark.parametrize(
+# Blending every chunk token, with each way of choosing them: full prefill's result exactly.
+RATIO_ONE_CONFIGS = pytest.mark.parametrize(
     "config",
     [
         BlendConfig(recompute_ratio=1.0, selector="deviation", check_layer=1),
@@ -28,6 +29,9 @@ QUESTION = "Who built the lighthouse at Varden Point?"
     ],
     ids=["deviation", "preview"],
 )
+
+
+@RATIO_ONE_CONFIGS
 def test_blend_at_ratio_one_equals_full(tiny_engine, config):
     """Also proves the preview pass leaves nothing behind in the KV it shares with blending."""
     full = tiny_engine.prefill(CHUNKS, QUESTION, mode="full")
