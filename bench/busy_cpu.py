@@ -39,7 +39,7 @@ from pathlib import Path
 
 from blendrag.cli.demo import SAMPLES, sample_questions
 from harness.data import load_prompts
-from harness.report import settings
+from harness.report import settings, write_json
 
 Prompt = tuple[list[str], str]  # (chunks, question)
 # (mode, threads, prefetch) inside one worker; full prefill loads no stored KV: prefetch False.
@@ -271,14 +271,13 @@ def main(argv: list[str] | None = None) -> int:
         f"{default_threads} threads; mean of per-prompt medians of {args.repeats}; {elapsed:.0f} s timed"
     )
     print_table(rows)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     report = {
         "settings": settings(args),
         "machine": {"cpu_count": cores, "torch_threads": default_threads, "platform": platform.platform()},
         "prompts": source,
         "rows": rows,
     }
-    args.out.write_text(json.dumps(report, indent=1))
+    write_json(args.out, report)
     return 0
 
 

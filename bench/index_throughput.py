@@ -35,6 +35,7 @@ from blendrag.retriever.index_dir import KV_DIR_NAME, IndexDir
 from blendrag.retriever.indexer import index_stats
 from blendrag.store import open_store
 from harness.data import DEFAULT_DATASET, load_dataset, write_corpus
+from harness.report import write_json
 from harness.timing import Timed
 
 
@@ -194,8 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({k: v for k, v in report.items() if k != "queries"}, indent=1))
     print(json.dumps(queries["mean"], indent=1))
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=1))
+        write_json(args.out, report)
     return 0
 
 

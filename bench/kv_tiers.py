@@ -20,6 +20,7 @@ from blendrag import BlendEngine
 from blendrag.retriever import Retriever
 from blendrag.store import MemoryStore, RedisStore, TieredStore
 from harness.data import sample_questions
+from harness.report import write_json
 from harness.stats import summarize
 
 
@@ -67,8 +68,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     print(json.dumps(result, indent=2))
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2))
+        write_json(args.out, result, indent=2)
     return result
 
 

@@ -32,6 +32,7 @@ from urllib.parse import urlparse
 import httpx
 
 from harness.data import SAMPLE_QUESTIONS, sample_questions
+from harness.report import write_json
 from harness.stats import summarize
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
@@ -285,8 +286,7 @@ def main(argv: list[str] | None = None) -> dict:
     summary = {k: v for k, v in result.items() if k != "ttft_histogram"}
     print(json.dumps(summary, indent=2))
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2))
+        write_json(args.out, result, indent=2)
     return result
 
 

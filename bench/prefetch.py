@@ -16,7 +16,6 @@ loader thread, which shares the CPU with compute, costs more than it hides.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import tempfile
@@ -29,7 +28,7 @@ from blendrag import BlendEngine
 from blendrag.stats import PrefillStats
 from blendrag.store import DiskStore
 from harness.data import DEFAULT_DATASET, load_prompts
-from harness.report import settings
+from harness.report import settings, write_json
 
 LOAD_PHASES = ("blendrag.store_read", "blendrag.realign")
 
@@ -118,10 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{summary['ttft_background_s'] * 1e3:.1f} ms"
     )
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(
-            json.dumps({"settings": settings(args), "runs": runs, "summary": summary}, indent=1)
-        )
+        write_json(args.out, {"settings": settings(args), "runs": runs, "summary": summary})
     return 0
 
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import os
 import platform
 import time
@@ -38,7 +37,7 @@ from matplotlib.figure import Figure
 
 from harness.answers import clean_answer
 from harness.data import DEFAULT_DATASET, Item, dataset_chunks, load_dataset
-from harness.report import settings
+from harness.report import settings, write_json
 from harness.runner import Run, load_backend, run_questions
 from harness.stats import summarize
 from harness.variants import REFERENCE, build_variants, float_list, name_list
@@ -266,8 +265,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "threads": args.threads,
         }
         report = {"settings": settings(args), "machine": machine, "summary": summary, "rows": rows}
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=1))
+        write_json(args.out, report)
     if args.plot:
         args.plot.parent.mkdir(parents=True, exist_ok=True)
         plot(

@@ -13,7 +13,6 @@ the layers that run on every token, q the question's share of the prompt.
 from __future__ import annotations
 
 import argparse
-import json
 from collections import defaultdict
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from blendrag import BlendConfig, BlendEngine
 from harness.data import DEFAULT_DATASET, load_prompts
+from harness.report import write_json
 
 PHASES = (
     "blendrag.store_read",
@@ -90,9 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     report = summarize(runs, config, engine.model.args.n_layers)
     print_report(report)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        report_json = {"config": config.__dict__, "runs": runs, "summary": report}
-        args.out.write_text(json.dumps(report_json, indent=1))
+        write_json(args.out, {"config": config.__dict__, "runs": runs, "summary": report})
 
 
 def summarize(runs: list[dict], config: BlendConfig, n_layers: int) -> dict:

@@ -21,7 +21,7 @@ from typing import Any
 
 from harness.answers import best_f1, clean_answer
 from harness.data import dataset_chunks, load_dataset
-from harness.report import settings
+from harness.report import settings, write_json
 from harness.stats import summarize
 from harness.variants import float_list
 
@@ -127,9 +127,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def write_report(args: argparse.Namespace, records: list[dict[str, Any]]) -> None:
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
         report = {"settings": settings(args), "summary": summarize_runs(records), "records": records}
-        args.out.write_text(json.dumps(report, indent=1))
+        write_json(args.out, report)
 
 
 if __name__ == "__main__":  # vLLM spawns processes: the guard keeps them from re-running this

@@ -29,7 +29,7 @@ from tqdm import tqdm
 from blendrag.cli.common import add_device_args
 from eval.metrics import kl_divergence
 from harness.data import Item, dataset_chunks, load_dataset
-from harness.report import settings
+from harness.report import settings, write_json
 from harness.runner import Backend, load_backend
 from harness.stats import summarize
 from harness.variants import Variant, parse_variants
@@ -208,9 +208,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def report(args: argparse.Namespace, summary: list[dict[str, Any]], records: list[dict[str, Any]]) -> None:
     """Write settings, summary and per-question records to ``args.out`` when given; print the table."""
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        written = {"settings": settings(args), "summary": summary, "records": records}
-        args.out.write_text(json.dumps(written, indent=1))
+        write_json(args.out, {"settings": settings(args), "summary": summary, "records": records})
     print(format_table(summary))
 
 
