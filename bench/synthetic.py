@@ -23,6 +23,7 @@ from blendrag.loading import LoadedModel
 from blendrag.model import ModelArgs, Transformer
 from blendrag.prompt import CHUNK_SEPARATOR, PromptFormat
 from blendrag.store import KVStore
+from blendrag.store.formats import raw_format_for
 
 # initializer_range is the std of the random weights: about 1.3 / sqrt(hidden_size) in both,
 # so projections come out O(1) and attention is neither uniform nor one-hot.
@@ -130,8 +131,15 @@ def engine(
     dtype = next(model.parameters()).dtype
     loaded = LoadedModel(model, tokenizer, config, f"random:{name}:{dtype}", Path(f"random-{name}"))
     prompt_format = PromptFormat(tokenizer, SYSTEM_PROMPT, INSTRUCTION)
+    # KV stored as computed (lossless): the checks compare reused KV with fresh KV exactly.
+    kv_format = raw_format_for(dtype)
     return BlendEngine(
-        loaded, store, prompt_format=prompt_format, chunk_context=chunk_context, prefetch=prefetch
+        loaded,
+        store,
+        prompt_format=prompt_format,
+        chunk_context=chunk_context,
+        prefetch=prefetch,
+        kv_format=kv_format,
     )
 
 

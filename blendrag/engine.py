@@ -34,6 +34,7 @@ from .selection import plan_selection, preview_attention
 from .stats import GenerationStats, PrefillStats
 from .store import KVStore, open_store
 from .store.base import ChunkKV, LayeredKV
+from .store.formats import DEFAULT_FORMAT, LOSSLESS_FORMAT, KVFormat, get_format
 
 ChunkContext = Literal["prefix", "none"]
 
@@ -85,12 +86,14 @@ class BlendEngine:
         chunk_context: ChunkContext = "none",
         prefetch: bool = True,
         max_question_chars: int = MAX_QUESTION_CHARS,
+        kv_format: str = DEFAULT_FORMAT,
     ) -> None:
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.fingerprint = loaded.fingerprint
         self.model_path = loaded.path
         self.store = store
+        self.kv_format = get_format(kv_format)  # how computed chunk KV is quantized and stored
         self.config = config or BlendConfig()
         self.prompt_format = prompt_format or PromptFormat(self.tokenizer)
         self.chunk_context = chunk_context
@@ -115,6 +118,7 @@ class BlendEngine:
         prompt_format: PromptFormat | None = None,
         prefetch: bool = True,
         max_question_chars: int = MAX_QUESTION_CHARS,
+        kv_format: str = DEFAULT_FORMAT,
     ) -> BlendEngine:
         """Load a Llama-family checkpoint (default: the embedded SmolLM2-135M-Instruct).
 
@@ -123,16 +127,21 @@ class BlendEngine:
         ``torch.dtype`` or its name): default bf16 on CUDA, fp32 on CPU. Stored KV stays in the
         store (host memory, disk or Redis) and is copied to the device per request.
         ``max_question_chars``: the longest question a prompt may hold (``limits``, which every
-        front end's request is checked against)."""
+        front end's request is checked against). ``kv_format``: how chunk KV is stored
+        (``blendrag.store.formats``: fp32, bf16, fp16, int8, fp8, cachegen)."""
         if threads is not None:
             torch.set_num_threads(threads)
         if store is None or isinstance(store, str):
             store = open_store(store or str(blendrag_home() / "kv"))
         device, dtype = resolve_device(device, dtype)
+        try:
+            get_format(kv_format)
+        except ValueError as err:
+            raise BlendRAGError(str(err)) from None
         loaded = load_model(path, dtype)
         loaded.model.to(device)
         pf = prompt_format or PromptFormat(loaded.tokenizer)
-        return cls(loaded, store, config, pf, chunk_context, prefetch, max_question_chars)
+        return cls(loaded, store, config, pf, chunk_context, prefetch, max_question_chars, kv_format)
 
     def _arange(self, start: int, end: int) -> torch.Tensor:
         return torch.arange(start, end, device=self.device)
@@ -145,8 +154,15 @@ class BlendEngine:
     def _context_ids(self) -> list[int]:
         return self.prompt_format.prefix_ids if self.chunk_context == "prefix" else []
 
+    def _segment_format(self, context: list[int], ids: list[int]) -> KVFormat:
+        # The system prompt is one segment that every prompt reads as its first tokens (the
+        # attention sink every later token attends to): it costs almost nothing kept lossless.
+        if not context and ids == self.prompt_format.prefix_ids:
+            return LOSSLESS_FORMAT
+        return self.kv_format
+
     def _segment_key(self, context: list[int], ids: list[int]) -> str:
-        return segment_key(self.fingerprint, context, ids)
+        return kv_key(self.fingerprint, self._segment_format(context, ids), context, ids)
 
     def chunk_key(self, text: str) -> str:
         """Store key of a chunk's KV (fingerprint, chunk context and token ids)."""
@@ -180,8 +196,11 @@ class BlendEngine:
         out = run_layers(
             self.model, self.rotary, buf, self._ids(ids), positions, capture=True, last_row_only=True
         )
-        # Stored KV lives on the host: the store outlasts any one device buffer.
-        return ChunkKV(torch.stack(out.captured_k).cpu(), torch.stack(out.captured_v).cpu())
+        # Stored KV lives on the host: the store outlasts any one device buffer. It is quantized
+        # here, once, so every tier holds (and every prompt reads) the same values.
+        fmt = self._segment_format(context, ids)
+        k, v = fmt.quantize(torch.stack(out.captured_k).cpu(), torch.stack(out.captured_v).cpu())
+        return ChunkKV(k, v, fmt.tag)
 
     def precompute(self, texts: list[str]) -> int:
         """Compute and store the KV of every chunk not yet in the store; returns how many."""
@@ -391,6 +410,13 @@ def resolve_device(
             raise BlendRAGError(f"dtype {dtype!r}: not a torch dtype (e.g. float32, bfloat16)")
         dtype = getattr(torch, dtype)
     return device, dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+
+
+def kv_key(fingerprint: str, fmt: KVFormat, context: list[int], ids: list[int]) -> str:
+    """Store key of a segment's KV in ``fmt``: keys name the format, so entries of different
+    formats never mix (fp32 keeps the keys it had before formats existed)."""
+    lossless = fmt.tag == LOSSLESS_FORMAT.tag
+    return segment_key(fingerprint if lossless else f"{fingerprint}|kv={fmt.tag}", context, ids)
 
 
 def segment_key(fingerprint: str, context: list[int], ids: list[int]) -> str:

@@ -91,8 +91,9 @@ def tiny_dirs(tmp_path_factory, default_dir) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def tiny_engine(tiny_dirs) -> BlendEngine:
     # "prefix" context: exercises the exact-first-chunk path (prefix mode reuses the first chunk).
+    # fp32 storage: the blending invariants are exact; what storage formats lose is tested apart.
     return BlendEngine.from_pretrained(
-        str(tiny_dirs["llama"]), store=MemoryStore(1 << 30), chunk_context="prefix"
+        str(tiny_dirs["llama"]), store=MemoryStore(1 << 30), chunk_context="prefix", kv_format="fp32"
     )
 
 

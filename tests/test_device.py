@@ -59,7 +59,7 @@ def test_stored_kv_stays_on_the_host(tiny_dirs):
     engine = tiny(tiny_dirs)
     engine.precompute(CHUNKS)
     entry = engine.store.get(engine.chunk_key(CHUNKS[0]))
-    assert entry.k.device.type == "cpu" and entry.k.dtype == engine.dtype
+    assert entry.k.device.type == "cpu" and entry.k.dtype == engine.kv_format.decoded_dtype == torch.bfloat16
 
 
 @pytest.fixture(scope="module")

@@ -119,7 +119,7 @@ def test_realigned_keys_equal_fresh_keys_at_new_offset(tiny_dirs, variant):
     """Chunk KV computed at positions 0.. and moved to offset 1000 equals what transformers
     computes for the same tokens at positions 1000.. (every layer, K and V)."""
     engine = BlendEngine.from_pretrained(
-        str(tiny_dirs[variant]), store=MemoryStore(1 << 28), chunk_context="none"
+        str(tiny_dirs[variant]), store=MemoryStore(1 << 28), chunk_context="none", kv_format="fp32"
     )
     ids = engine.prompt_format.chunk_ids(CHUNKS[1])
     stored, _ = engine._segment([], ids)

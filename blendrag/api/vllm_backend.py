@@ -84,6 +84,7 @@ class VLLMBackend:
             "store": self.store,
             "model": model,
             "chunk_context": self.engine.chunk_context,
+            "kv_format": self.engine.kv_format.tag,
             **asdict(self.engine.config),
         }
         transfer = KVTransferConfig(

@@ -20,6 +20,9 @@ class LayeredKV(Protocol):
     @property
     def n_tokens(self) -> int: ...
 
+    @property
+    def format(self) -> str | None: ...
+
     def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
@@ -29,10 +32,13 @@ class ChunkKV:
 
     ``k`` holds keys *before* RoPE, so re-alignment to any offset is one exact rotation with
     the same code that rotates fresh keys. Shapes: ``[n_layers, n_kv_heads, n_tokens, head_dim]``.
+    ``format`` names the ``blendrag.store.formats`` format the values were quantized to and that
+    stores write them in (None: raw, in the tensors' own dtype).
     """
 
     k: torch.Tensor
     v: torch.Tensor
+    format: str | None = None
 
     @property
     def n_layers(self) -> int:

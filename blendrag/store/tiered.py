@@ -97,7 +97,7 @@ class _Promoting:
 
     def __init__(self, inner: LayeredKV, on_complete: Callable[[ChunkKV], object]) -> None:
         self._inner, self._on_complete = inner, on_complete
-        self.n_layers, self.n_tokens = inner.n_layers, inner.n_tokens
+        self.n_layers, self.n_tokens, self.format = inner.n_layers, inner.n_tokens, inner.format
         self._layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._lock = threading.Lock()
 
@@ -108,5 +108,5 @@ class _Promoting:
             self._layers[i] = (k, v)
         if complete:
             ks, vs = zip(*(self._layers[j] for j in range(self.n_layers)), strict=True)
-            self._on_complete(ChunkKV(torch.stack(ks), torch.stack(vs)))
+            self._on_complete(ChunkKV(torch.stack(ks), torch.stack(vs), self.format))
         return k, v

@@ -45,12 +45,13 @@ from vllm.distributed.parallel_state import get_pp_group, get_tp_group
 from vllm.model_executor.models.utils import extract_layer_index
 
 from blendrag.config import BlendConfig
-from blendrag.engine import BlendEngine, segment_key
+from blendrag.engine import BlendEngine, kv_key
 from blendrag.errors import BlendRAGError
 from blendrag.kvbuffer import KVBuffer
 from blendrag.loading import inspect_checkpoint
 from blendrag.prompt import PromptFormat
 from blendrag.store import open_store
+from blendrag.store.formats import DEFAULT_FORMAT, get_format
 from blendrag.vllm.client import BlendReport
 
 if TYPE_CHECKING:
@@ -75,6 +76,7 @@ class ConnectorConfig:
     model: str  # blendrag's checkpoint; default: the model vLLM serves
     blend: BlendConfig
     chunk_context: str = "none"
+    kv_format: str = DEFAULT_FORMAT  # the store's chunk KV format (blendrag.store.formats)
 
     @classmethod
     def from_vllm(cls, vllm_config: VllmConfig) -> ConnectorConfig:
@@ -84,8 +86,9 @@ class ConnectorConfig:
             raise BlendRAGError("BlendConnector needs kv_connector_extra_config.store: a KV store directory")
         model = extra.pop("model", None) or vllm_config.model_config.model
         chunk_context = extra.pop("chunk_context", "none")
+        kv_format = get_format(extra.pop("kv_format", DEFAULT_FORMAT)).tag
         blend = BlendConfig(**extra)  # recompute_ratio, check_layer, selector, ...; unknown keys raise
-        return cls(store, model, blend, chunk_context)
+        return cls(store, model, blend, chunk_context, kv_format)
 
 
 @dataclass
@@ -237,6 +240,7 @@ class BlendConnector(KVConnectorBase_V1):
             device=device,
             dtype=dtype,
             chunk_context=self.cfg.chunk_context,  # type: ignore[arg-type]
+            kv_format=self.cfg.kv_format,
             # Load reused KV before the layer loop, not on a thread beside it: in vLLM's CPU
             # worker, whose OpenMP threads are bound to the cores, the loader thread's torch
             # ops slow the blend (docs/decisions/0003-vllm-connector-loads-kv-up-front.md).
@@ -298,7 +302,8 @@ class BlendConnector(KVConnectorBase_V1):
 
     def _all_stored(self, chunk_ids: list[list[int]]) -> bool:
         context = self.prompt_format.prefix_ids if self.cfg.chunk_context == "prefix" else []
-        return all(self.store.contains(segment_key(self.fingerprint, context, ids)) for ids in chunk_ids)
+        fmt = get_format(self.cfg.kv_format)
+        return all(self.store.contains(kv_key(self.fingerprint, fmt, context, ids)) for ids in chunk_ids)
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int):
         plan = self._plans.get(request.request_id)
