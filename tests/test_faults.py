@@ -94,7 +94,7 @@ def test_disk_full_while_indexing_is_a_clean_error_then_resumes(tmp_path, tiny_d
         patch.setattr(os, "fdopen", DiskFull)
         with pytest.raises(BlendRAGError, match="could not write KV entry .*No space left on device"):
             build_index([SAMPLE_CORPUS], index_dir, engine)
-    assert [p for p in kv_dir.rglob("*") if p.is_file()] == []  # no partial entry, no temp file
+    assert [p for p in kv_dir.glob("*/*") if p.is_file()] == []  # no partial entry, no temp file
     build_index([SAMPLE_CORPUS], index_dir, engine)  # space is back: the same command resumes
     rows = sqlite3.connect(index_dir / DB_NAME).execute("SELECT hash, kv_key, kv_done FROM chunks").fetchall()
     clean = sqlite3.connect(new_sample_index("clean-index") / DB_NAME).execute("SELECT hash FROM chunks")

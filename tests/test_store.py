@@ -46,7 +46,7 @@ class DiskFull:
 
 
 def entry_files(root) -> list[str]:
-    return sorted(p.name for p in root.rglob("*") if p.is_file())
+    return sorted(p.name for p in root.glob("*/*") if p.is_file())
 
 
 # --- codec -------------------------------------------------------------------------------------
@@ -78,9 +78,9 @@ def test_header_carries_meta_and_layer_offsets():
     data = codec.encode(kv, meta={"model": "smollm2", "chunk": 7})
     header = codec.read_header(data)
     assert header.meta == {"model": "smollm2", "chunk": 7}
-    assert header.dtype == torch.bfloat16 and header.shape == (4, 2, 5, 4)
-    assert header.layer_nbytes == 2 * 2 * 5 * 4 * 2
-    assert header.layer_offset(3) + header.layer_nbytes == len(data)
+    assert header.format.name == "bf16" and header.shape == (4, 2, 5, 4)
+    assert header.layer_len == (2 * 2 * 5 * 4 * 2,) * 4
+    assert header.layer_offset(3) + header.layer_len[3] == len(data)
 
 
 def test_read_layer_from_file_matches_full_decode(tmp_path):
@@ -101,7 +101,7 @@ def test_decode_layer_checks_only_that_layer():
     data[header.layer_offset(1) + 5] ^= 0x01
 
     def layer_bytes(i):
-        return data[header.layer_offset(i) : header.layer_offset(i) + header.layer_nbytes]
+        return data[header.layer_offset(i) : header.layer_offset(i) + header.layer_len[i]]
 
     k, _ = codec.decode_layer(header, 2, layer_bytes(2))
     assert torch.equal(k, kv.k[2])
@@ -124,7 +124,7 @@ def test_codec_rejects_wrong_length(cut, message):
 def test_codec_detects_payload_bit_flip(layer):
     data = bytearray(codec.encode(make_kv()))
     header = codec.read_header(data)
-    data[header.layer_offset(layer) + header.layer_nbytes - 1] ^= 0x80
+    data[header.layer_offset(layer) + header.layer_len[layer] - 1] ^= 0x80
     with pytest.raises(CorruptEntry, match=f"checksum mismatch in layer {layer}"):
         codec.decode(data)
 
@@ -373,3 +373,140 @@ def test_open_store_specs(tmp_path):
     assert (tmp_path / "a").is_dir() and (tmp_path / "b").is_dir()
     with pytest.raises(BlendRAGError, match="unknown scheme 's3'"):
         open_store("s3://bucket/kv")
+
+
+# --- disk byte budget --------------------------------------------------------------------------
+
+
+def fill(store: DiskStore, keys: list[str]) -> int:
+    """Put one entry per key (oldest first); returns the size of one entry."""
+    for i, key in enumerate(keys):
+        store.put(key, make_kv(seed=i))
+    return len(codec.encode(make_kv()))
+
+
+def test_disk_budget_evicts_least_recently_used(tmp_path):
+    size = len(codec.encode(make_kv()))
+    store = DiskStore(tmp_path, max_bytes=3 * size)
+    fill(store, ["aa1", "aa2", "aa3"])
+    assert store.get("aa1") is not None  # aa1 is now the most recently used
+    store.put("aa4", make_kv(seed=4))
+    assert [store.contains(k) for k in ("aa1", "aa2", "aa3", "aa4")] == [True, False, True, True]
+    assert store.nbytes() == 3 * size <= store.max_bytes and store.stats["evictions"] == 1
+    assert store.get("aa2") is None and store.stats["misses"] == 1  # an evicted entry is a miss
+
+
+def test_disk_budget_and_recency_survive_a_restart(tmp_path):
+    size = len(codec.encode(make_kv()))
+    store = DiskStore(tmp_path, max_bytes=3 * size)
+    fill(store, ["aa1", "aa2", "aa3"])
+    store.get_layered(["aa1"])  # a layered read is a use too
+    reopened = DiskStore(tmp_path)  # no budget given: the store's own
+    assert reopened.max_bytes == 3 * size and reopened.nbytes() == 3 * size
+    reopened.put("aa4", make_kv(seed=4))
+    assert not reopened.contains("aa2") and reopened.contains("aa1")
+
+
+def test_disk_budget_smaller_than_the_store_applies_at_open(tmp_path):
+    size = fill(DiskStore(tmp_path), ["aa1", "aa2", "aa3", "aa4"])  # no budget: all kept
+    store = DiskStore(tmp_path, max_bytes=2 * size)
+    assert entry_files(tmp_path) == ["aa3.kv", "aa4.kv"] and store.stats["evictions"] == 2
+
+
+def test_disk_budget_counts_entries_written_before_it_existed(tmp_path):
+    size = fill(DiskStore(tmp_path), ["aa1", "aa2"])
+    (tmp_path / "recency.sqlite").unlink()  # a store from before the table, or a lost table
+    for suffix in ("-wal", "-shm"):
+        (tmp_path / f"recency.sqlite{suffix}").unlink(missing_ok=True)
+    assert DiskStore(tmp_path).nbytes() == 2 * size
+
+
+def test_disk_budget_never_evicts_an_entry_being_read(tmp_path):
+    size = len(codec.encode(make_kv()))
+    store = DiskStore(tmp_path, max_bytes=2 * size)
+    fill(store, ["aa1", "aa2"])
+    reading = store.get_layered(["aa1"])[0]  # the least recently used, but open
+    store.put("aa3", make_kv(seed=3))
+    assert store.contains("aa1") and not store.contains("aa2")
+    for i in range(reading.n_layers):  # the last layer read ends the read
+        reading.layer(i)
+    store.put("aa4", make_kv(seed=4))
+    assert not store.contains("aa1")
+
+
+def test_an_entry_evicted_by_another_process_reads_whole(tmp_path):
+    """Another process (another store on the same directory) evicts an entry mid-read: the reader
+    still gets every layer, each checked against its crc."""
+    size = len(codec.encode(make_kv()))
+    reader, writer = DiskStore(tmp_path), DiskStore(tmp_path, max_bytes=2 * size)
+    fill(writer, ["aa1", "aa2"])
+    entry = reader.get_layered(["aa1"])[0]
+    first = entry.layer(0)
+    writer.get("aa2")
+    writer.put("aa3", make_kv(seed=3))  # evicts aa1, which only the reader has open
+    assert not writer.contains("aa1")
+    expected = make_kv(seed=0)
+    assert torch.equal(first[0], expected.k[0])
+    assert all(torch.equal(entry.layer(i)[1], expected.v[i]) for i in range(1, entry.n_layers))
+
+
+def test_disk_budget_with_concurrent_readers_and_writers(tmp_path):
+    """Readers and writers on one budget: every read is a whole entry or a miss, and the store
+    ends within its budget."""
+    size = len(codec.encode(make_kv()))
+    store = DiskStore(tmp_path, max_bytes=4 * size)
+    keys = [f"k{i:02d}" for i in range(12)]
+    errors: list[BaseException] = []
+
+    def write(offset: int) -> None:
+        for i in range(offset, len(keys), 2):
+            store.put(keys[i], make_kv(seed=i))
+
+    def read() -> None:
+        try:
+            for _ in range(30):
+                for i, key in enumerate(keys):
+                    entry = store.get_layered([key])[0]
+                    if entry is not None:
+                        v = [entry.layer(j)[1] for j in range(entry.n_layers)]
+                        assert torch.equal(torch.stack(v), make_kv(seed=i).v)
+        except BaseException as e:  # noqa: BLE001 (re-raised in the main thread)
+            errors.append(e)
+
+    threads = [
+        threading.Thread(target=f, args=a) for f, a in [(write, (0,)), (write, (1,)), (read, ()), (read, ())]
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and store.stats["corrupt"] == 0
+    assert store.nbytes() <= store.max_bytes and len(entry_files(tmp_path)) == 4
+
+
+def test_entry_larger_than_the_budget_is_skipped(tmp_path, caplog):
+    store = DiskStore(tmp_path, max_bytes=100)
+    store.put("aa1", make_kv())
+    assert not store.contains("aa1") and "exceeds" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "spec", ["file://{root}?max_bytes=5000", "redis://localhost:1/0?disk={root}&max_bytes=5000"]
+)
+def test_store_url_sets_the_disk_budget(tmp_path, spec):
+    store = open_store(spec.format(root=tmp_path))
+    assert store.tiers[1].max_bytes == 5000
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("file://{root}?max_bytes=-3", "max_bytes must be a positive"),
+        ("file://{root}?max_bytes=lots", "max_bytes must be a positive"),
+        ("file://{root}?maxbytes=3", "unknown options"),
+        ("redis://localhost:1/0?max_bytes=3", "give disk=DIR too"),
+    ],
+)
+def test_bad_budget_in_a_store_url_is_a_clear_error(tmp_path, spec, message):
+    with pytest.raises(BlendRAGError, match=message):
+        open_store(spec.format(root=tmp_path))
