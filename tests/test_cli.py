@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from conftest import SAMPLE_CORPUS
 
 from blendrag.cli import main
@@ -61,3 +62,38 @@ def test_unreachable_redis_at_index_time_still_indexes(tiny_dirs, tmp_path):
     )  # fmt: skip
     assert built.returncode == 0, built.stderr
     assert "unavailable, computing KV instead" in built.stderr
+
+
+def test_index_format_and_budget_carry_over_to_query(tiny_dirs, tmp_path, capsys):
+    """An index built in int8 within a byte budget: --stats shows both, and a query without
+    --kv-format reads the index's int8 entries (hits, not a recompute in the default format)."""
+    model, index_dir = str(tiny_dirs["llama"]), str(tmp_path / "i")
+    build = ["index", str(SAMPLE_CORPUS), "--index-dir", index_dir, "--model", model]
+    assert main([*build, "--kv-format", "int8", "--kv-max-bytes", "64M"]) == 0
+    capsys.readouterr()
+    assert main(["index", "--stats", "--index-dir", index_dir]) == 0
+    stats = dict(line.split(": ", 1) for line in capsys.readouterr().out.splitlines())
+    assert stats["kv_format"] == "int8" and stats["kv_max_bytes"] == str(64 << 20)
+    assert 0 < int(stats["kv_bytes"]) <= 64 << 20
+    argv = ["query", "Who kept the lighthouse?", "--index-dir", index_dir, "--model", model]
+    assert main([*argv, "--top-k", "2", "--max-new-tokens", "2", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)["stats"]
+    assert out["cache_hits"] == 2 and out["cache_misses"] == 0
+    assert main([*build, "--kv-format", "bf16"]) == 2  # mixing formats in one index is refused
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "holds KV in format int8" in err
+
+
+@pytest.mark.parametrize(
+    "option, message",
+    [
+        (["--kv-format", "int3"], "unknown KV format 'int3'"),
+        (["--kv-max-bytes", "lots"], "expected a positive size"),
+    ],
+)
+def test_bad_kv_options_are_refused_before_anything_is_written(tmp_path, capsys, option, message):
+    index_dir = tmp_path / "i"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["index", str(SAMPLE_CORPUS), "--index-dir", str(index_dir), *option])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert not index_dir.exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -28,6 +29,28 @@ def positive_float(text: str) -> float:
     return value
 
 
+_BYTES = re.compile(r"(\d+(?:\.\d+)?)([KMGT]?)", re.IGNORECASE)
+_BYTE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def byte_size(text: str) -> int:
+    """A positive number of bytes, optionally with a binary unit: 500M, 20G, 1.5T."""
+    m = _BYTES.fullmatch(text.strip())
+    value = int(float(m[1]) * _BYTE_UNITS[m[2].upper()]) if m else 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive size like 500M or 20G, got {text!r}")
+    return value
+
+
+def kv_format_name(text: str) -> str:
+    from blendrag.store.formats import get_format  # imports torch: only when the flag is given
+
+    try:
+        return get_format(text).tag
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def index_kv_store(index_dir: Path, kv_store: str | None) -> str:
     """On disk beside the index by default, so the KV that `index` computed is there for `query`."""
     return kv_store or str(index_dir / KV_DIR_NAME)
@@ -45,13 +68,46 @@ def add_device_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def load_engine(
-    model: str | None, kv_store: str | None, device: str | None = None, dtype: str | None = None
-) -> BlendEngine:
-    """The engine over ``kv_store`` (None: memory only) on ``device`` in ``dtype`` (None: defaults)."""
-    from blendrag.engine import BlendEngine
+def add_kv_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--kv-format",
+        type=kv_format_name,
+        help="how chunk KV is stored: fp32, bf16, fp16, int8, fp8, cachegen[-B1.B2.B3] "
+        "(default: the index's format, else bf16)",
+    )
+    parser.add_argument(
+        "--kv-max-bytes",
+        type=byte_size,
+        help="bound the disk KV store, e.g. 20G; least recently used entries are evicted "
+        "(kept with the store; default: the store's budget, none for a new store)",
+    )
 
-    return BlendEngine.from_pretrained(model, store=kv_store or "memory", device=device, dtype=dtype)
+
+def index_kv_format(index_dir: Path | None) -> str | None:
+    """The KV format an existing index was built with (None: no index there yet)."""
+    if index_dir is None or not (Path(index_dir) / "chunks.sqlite").is_file():
+        return None
+    from blendrag.retriever.index_dir import IndexDir
+
+    with IndexDir(index_dir) as index:
+        return index.kv_format
+
+
+def load_engine(
+    args: argparse.Namespace, kv_store: str | None, index_dir: Path | None = None, model: str | None = None
+) -> BlendEngine:
+    """The engine of ``model`` (None: the bundled one) over ``kv_store`` (None: memory only) with
+    the device, dtype and KV arguments of ``args`` (missing ones: the defaults), in the KV format
+    of the index at ``index_dir`` when there is one and ``--kv-format`` gives none."""
+    from blendrag.engine import BlendEngine
+    from blendrag.store import open_store
+    from blendrag.store.formats import DEFAULT_FORMAT
+
+    kv_format = getattr(args, "kv_format", None) or index_kv_format(index_dir)
+    store = open_store(kv_store or "memory", disk_max_bytes=getattr(args, "kv_max_bytes", None))
+    return BlendEngine.from_pretrained(
+        model, store=store, device=args.device, dtype=args.dtype, kv_format=kv_format or DEFAULT_FORMAT
+    )
 
 
 def warm_up(engine: BlendEngine) -> float:

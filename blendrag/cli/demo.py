@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> None:
         else sample_questions()[: args.questions]
     )
     index_dir = args.index_dir or blendrag_home() / "sample-index"
-    engine = common.load_engine(None, common.index_kv_store(index_dir, None), args.device, args.dtype)
+    engine = common.load_engine(args, common.index_kv_store(index_dir, None), index_dir)
     print(f"indexing {args.corpus} into {index_dir} ...")
     build_index([args.corpus], index_dir, engine)
     retriever = Retriever(index_dir)

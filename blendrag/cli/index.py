@@ -24,6 +24,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     action.add_argument("--stats", action="store_true", help="print what the index holds")
     action.add_argument("--delete", metavar="DOC_ID", help="remove a document, its vectors and its KV")
     common.add_device_args(index)
+    common.add_kv_args(index)
     index.set_defaults(func=run)
 
 
@@ -38,7 +39,7 @@ def run(args: argparse.Namespace) -> None:
             for key, value in index_stats(args.index_dir).items():
                 print(f"{key}: {value}")
             return
-        engine = common.load_engine(args.model, kv_store, args.device, args.dtype)
+        engine = common.load_engine(args, kv_store, args.index_dir, args.model)
         n = delete_document(args.index_dir, args.delete, engine)
         print(f"deleted {args.delete!r}: {n} chunks")
         return
@@ -49,7 +50,7 @@ def run(args: argparse.Namespace) -> None:
     missing = [p for p in args.paths if not Path(p).exists()]
     if missing:  # checked before the model loads (seconds) and before anything is written
         raise BlendRAGError(f"index: no such file or folder: {', '.join(missing)}")
-    engine = common.load_engine(args.model, kv_store, args.device, args.dtype)
+    engine = common.load_engine(args, kv_store, args.index_dir, args.model)
     counts = build_index(
         args.paths, args.index_dir, engine, chunk_tokens=args.chunk_tokens, overlap=args.overlap
     )

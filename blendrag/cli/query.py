@@ -52,6 +52,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     query.add_argument("--json", action="store_true", help="print one JSON object instead of the answer")
     common.add_device_args(query)
+    common.add_kv_args(query)
     query.set_defaults(func=run)
 
 
@@ -76,7 +77,7 @@ def run(args: argparse.Namespace) -> None:
     )
     retriever = None if texts is not None else _open_index(args.index_dir)
     kv_store = args.kv_store if retriever is None else common.index_kv_store(args.index_dir, args.kv_store)
-    engine = common.load_engine(args.model, kv_store, args.device, args.dtype)
+    engine = common.load_engine(args, kv_store, args.index_dir if retriever else None, args.model)
     engine.limits.check_question(request.question)  # before retrieval
     retrieved, retrieval_s = ([], 0.0) if retriever is None else _retrieve(retriever, engine, request)
     chunks = list(texts) if texts is not None else [c.text for c in retrieved]

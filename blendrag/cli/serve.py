@@ -53,6 +53,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "$VLLM_CPU_KVCACHE_SPACE, which also overrides this flag)",
     )
     common.add_device_args(serve)
+    common.add_kv_args(serve)
     serve.set_defaults(func=run)
 
 
@@ -82,7 +83,7 @@ def run(args: argparse.Namespace) -> None:
     kv_store = common.index_kv_store(args.index_dir, args.kv_store)
     check_backend(args, kv_store)
     # The engine loads with either backend: it tokenizes prompts, and indexes documents' KV.
-    engine = common.load_engine(args.model, kv_store, args.device, args.dtype)
+    engine = common.load_engine(args, kv_store, args.index_dir, args.model)
     backend = None  # create_app's default: the engine itself
     if args.backend == "vllm":
         from blendrag.api.vllm_backend import VLLMBackend

@@ -45,6 +45,19 @@ class IndexDir:
                 "use the same --model or index into a new --index-dir"
             )
 
+    @property
+    def kv_format(self) -> str | None:
+        """The KV format the index's chunks were precomputed in (None: a new index). An index
+        built before formats existed holds fp32."""
+        return self.meta.get("kv_format") or ("fp32" if "fingerprint" in self.meta else None)
+
+    def check_kv_format(self, tag: str) -> None:
+        if self.kv_format is not None and self.kv_format != tag:
+            raise BlendRAGError(
+                f"{self.path}: index holds KV in format {self.kv_format}, not {tag}; "
+                f"use --kv-format {self.kv_format} or index into a new --index-dir"
+            )
+
     def check_embedder(self, name: str) -> None:
         built_with = self.meta.get("embedder")
         if built_with is not None and built_with != name:

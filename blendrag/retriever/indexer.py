@@ -34,6 +34,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from blendrag.errors import BlendRAGError
+from blendrag.store.disk import DiskStore
 
 from .chunker import DEFAULT_CHUNK_TOKENS, chunk_text
 from .docstore import ChunkRow
@@ -64,6 +65,7 @@ def build_index(
     planned = [row for doc in documents for row in chunk_document(doc, engine, chunk_tokens, overlap)]
     with IndexDir(Path(index_dir), create=True) as index:
         index.check_fingerprint(engine.fingerprint)
+        index.check_kv_format(engine.kv_format.tag)
         embedder = embedder or Embedder(index.meta.get("embedder", DEFAULT_EMBEDDER))
         index.check_embedder(embedder.name)
         n_removed = _remove_edited(index, engine, documents, planned)
@@ -91,7 +93,11 @@ def _remove_edited(index: IndexDir, engine, documents: list[Document], planned: 
 def _write_meta(index: IndexDir, engine, embedder: Embedder, documents: list[Document]) -> None:
     with index.docstore.transaction() as db:
         index.docstore.set_meta(
-            db, fingerprint=engine.fingerprint, embedder=embedder.name, dim=str(embedder.dim)
+            db,
+            fingerprint=engine.fingerprint,
+            kv_format=engine.kv_format.tag,
+            embedder=embedder.name,
+            dim=str(embedder.dim),
         )
         # Metadata of documents already indexed may have changed; new ones come with their chunks.
         for doc in documents:
@@ -171,13 +177,17 @@ def delete_document(index_dir: str | Path, doc_id: str, engine) -> int:
 
 
 def index_stats(index_dir: str | Path) -> dict:
-    """Documents, chunks, tokens, KV bytes (of the default ``kv/`` store), model fingerprint."""
+    """Documents, chunks, tokens, model fingerprint, and the default ``kv/`` store's format,
+    bytes and byte budget."""
     with IndexDir(Path(index_dir)) as index:
         stats = index.docstore.counts()
-        kv_dir = index.path / KV_DIR_NAME
-        stats["kv_bytes"] = sum(p.stat().st_size for p in kv_dir.rglob("*") if p.is_file())
         stats["fingerprint"] = index.meta.get("fingerprint")
         stats["embedder"] = index.meta.get("embedder")
+        stats["kv_format"] = index.kv_format
+        kv_dir = index.path / KV_DIR_NAME
+        kv = DiskStore(kv_dir) if kv_dir.is_dir() else None
+        stats["kv_bytes"] = 0 if kv is None else kv.nbytes()
+        stats["kv_max_bytes"] = None if kv is None else kv.max_bytes
         return stats
 
 
