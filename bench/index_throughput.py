@@ -10,7 +10,10 @@ beside it. Reported: chunks/s and tokens/s of the whole build and of its KV part
 the same tokens (a transformers forward, SDPA, fp32, of each distinct chunk alone); KV bytes per
 token on disk; and per query the latency split into retrieval, KV load (``store.get`` of the
 retrieved chunks, from disk into the memory tier of a fresh store), blend (``engine.prefill``
-with that KV in memory) and first token (sampling and detokenizing it).
+with that KV in memory) and first token (sampling and detokenizing it). With ``--resume``, the
+same corpus is indexed again by ``blendrag index`` into a second directory, killed (SIGKILL) once
+half its chunks have KV, and the same command run again: its time to a complete index against
+the uninterrupted build's.
 """
 
 from __future__ import annotations
@@ -20,7 +23,10 @@ import json
 import os
 import platform
 import shutil
+import sqlite3
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,10 +36,12 @@ import torch
 
 from blendrag import BlendEngine
 from blendrag.retriever import Retriever, build_index
+from blendrag.retriever.docstore import DB_NAME
 from blendrag.retriever.embedder import Embedder
 from blendrag.retriever.index_dir import KV_DIR_NAME, IndexDir
 from blendrag.retriever.indexer import index_stats
 from blendrag.store import open_store
+from blendrag.store.formats import DEFAULT_FORMAT
 from harness.data import DEFAULT_DATASET, load_dataset, write_corpus
 from harness.report import write_json
 from harness.timing import Timed
@@ -61,6 +69,44 @@ def measure_build(corpus: Path, index_dir: Path, engine: BlendEngine) -> dict[st
         "other_s": build_s - kv_s - embed_s,
         "kv_bytes_on_disk": stats["kv_bytes"],
     }
+
+
+def measure_resume(corpus: Path, index_dir: Path, model: str | None, kv_format: str) -> dict[str, Any]:
+    """Kill a ``blendrag index`` run when half the chunks of ``corpus`` have KV, then resume it."""
+    cmd = [sys.executable, "-m", "blendrag.cli", "index", str(corpus), "--index-dir", str(index_dir)]
+    cmd += ["--kv-format", kv_format, *(["--model", model] if model else [])]
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    total = None
+    while proc.poll() is None:
+        time.sleep(0.5)
+        total, done = _kv_progress(index_dir)
+        if total and done >= total // 2:
+            proc.kill()
+            break
+    proc.wait()
+    killed_s = time.perf_counter() - start
+    _, done_at_kill = _kv_progress(index_dir)
+    start = time.perf_counter()
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    resume_s = time.perf_counter() - start
+    total, done = _kv_progress(index_dir)
+    return {
+        "killed_after_s": killed_s,
+        "chunks_with_kv_at_kill": done_at_kill,
+        "resume_s": resume_s,
+        "chunks": total,
+        "complete": total == done,
+    }
+
+
+def _kv_progress(index_dir: Path) -> tuple[int, int]:
+    """(chunks, chunks with KV) of an index being built; (0, 0) before it has any."""
+    try:
+        with sqlite3.connect(f"file:{index_dir / DB_NAME}?mode=ro", uri=True, timeout=5) as db:
+            return db.execute("SELECT COUNT(*), COALESCE(SUM(kv_done), 0) FROM chunks").fetchone()
+    except sqlite3.OperationalError:  # not created yet, or no table yet
+        return 0, 0
 
 
 def distinct_chunks(index_dir: Path) -> list[tuple[str, int]]:
@@ -121,10 +167,11 @@ def query_once(retriever: Retriever, engine: BlendEngine, question: str, top_k: 
 
 
 def measure_queries(
-    index_dir: Path, model: str | None, questions: list[str], warmup: str, top_k: int
+    index_dir: Path, model: str | None, questions: list[str], warmup: str, top_k: int, kv_format: str
 ) -> dict[str, Any]:
     # A fresh engine and store: its memory tier is empty, so KV comes from the disk tier.
-    engine = BlendEngine.from_pretrained(model, store=open_store(str(index_dir / KV_DIR_NAME)))
+    store = open_store(str(index_dir / KV_DIR_NAME))
+    engine = BlendEngine.from_pretrained(model, store=store, kv_format=kv_format)
     retriever = Retriever(index_dir)
     try:
         query_once(retriever, engine, warmup, top_k)  # discarded: lazy init, the prefix's segment
@@ -148,6 +195,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--model", default=None, help="local checkpoint dir (default: the embedded model)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument(
+        "--kv-format", default=DEFAULT_FORMAT, help="how chunk KV is stored (default: %(default)s)"
+    )
+    p.add_argument("--resume", action="store_true", help="also time resuming a killed build")
+    p.add_argument(
         "--workdir", type=Path, default=None, help="keep the index here (default: a temp dir, removed)"
     )
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON")
@@ -167,7 +218,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         corpus, index_dir = workdir / "corpus.jsonl", workdir / "index"
         n_passages = write_corpus(items, corpus, limit=args.passages)
-        engine = BlendEngine.from_pretrained(args.model, store=open_store(str(index_dir / KV_DIR_NAME)))
+        engine = BlendEngine.from_pretrained(
+            args.model, store=open_store(str(index_dir / KV_DIR_NAME)), kv_format=args.kv_format
+        )
         build = measure_build(corpus, index_dir, engine)
         chunks = distinct_chunks(index_dir)
         distinct_tokens = sum(n for _, n in chunks)
@@ -179,7 +232,10 @@ def main(argv: list[str] | None = None) -> int:
         raw = raw_prefill(engine.model_path, engine, [t for t, _ in chunks])
         questions = [it["question"] for it in items[: args.queries]]
         queries = measure_queries(
-            index_dir, args.model, questions, items[args.queries]["question"], args.top_k
+            index_dir, args.model, questions, items[args.queries]["question"], args.top_k, args.kv_format
+        )
+        resume = (
+            measure_resume(corpus, workdir / "resumed", args.model, args.kv_format) if args.resume else None
         )
     finally:
         if args.workdir is None:
@@ -191,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         "raw_prefill": raw,
         "kv_vs_raw_tokens_per_s": build["kv_tokens_per_s"] / raw["tokens_per_s"],
         "queries": queries,
+        "resume": resume,
     }
     print(json.dumps({k: v for k, v in report.items() if k != "queries"}, indent=1))
     print(json.dumps(queries["mean"], indent=1))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from collections.abc import Sequence
 
 
@@ -22,3 +23,14 @@ def summarize(values: Sequence[float], percentiles: Sequence[int] = (50, 90)) ->
     summary = {"mean": sum(ordered) / len(ordered)}
     summary |= {f"p{p}": _percentile(ordered, p / 100) for p in percentiles}
     return summary
+
+
+def bootstrap_ci(values: Sequence[float], level: float = 0.95, resamples: int = 2000, seed: int = 0) -> tuple:
+    """Percentile bootstrap interval of the mean of ``values`` (a fixed seed: the same data gives
+    the same interval); (nan, nan) for an empty input."""
+    if not values:
+        return float("nan"), float("nan")
+    rng, n = random.Random(seed), len(values)
+    means = sorted(sum(rng.choices(values, k=n)) / n for _ in range(resamples))
+    tail = (1 - level) / 2
+    return _percentile(means, tail), _percentile(means, 1 - tail)

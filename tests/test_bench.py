@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import index_throughput, prefetch, prefill, roofline
+from bench import index_throughput, novel_queries, prefetch, prefill, roofline
 
 PASSAGE = "The lighthouse at Vellmark was built in {year} by the harbour guild and painted red."
 
@@ -77,8 +77,10 @@ def test_prefetch_reports_load_and_both_ttfts(dataset, tiny_dirs, tmp_path, caps
 def test_index_throughput_smoke(dataset, tiny_dirs, tmp_path):
     out = tmp_path / "index.json"
     argv = ["--dataset", str(dataset), "--passages", "3", "--queries", "1", "--top-k", "2"]
-    assert index_throughput.main([*argv, "--model", str(tiny_dirs["llama"]), "--out", str(out)]) == 0
+    argv += ["--model", str(tiny_dirs["llama"]), "--resume", "--out", str(out)]
+    assert index_throughput.main(argv) == 0
     report = json.loads(out.read_text())
+    assert report["resume"]["complete"] and report["resume"]["chunks"] == 3
     build = report["build"]
     assert build["chunks"] == 3 and build["counts"]["kv_computed"] == 3
     assert build["kv_tokens_per_s"] > 0 and build["kv_bytes_per_token"] > 0
@@ -105,3 +107,44 @@ def test_roofline_arithmetic():
     compute = ("all_token_ms", "recompute_ms", "logits_ms")
     assert sum(everything[k] for k in compute) == pytest.approx(sum(full[k] for k in compute), rel=0.01)
     assert full["ttft_gpu_kv_ms"] > roofline.model(s, 3072, 32, "blend", 0.15, check=1)["ttft_gpu_kv_ms"]
+
+
+def test_novel_query_stream_stays_flat_within_budget_and_degrades_to_recompute(tiny_dirs, tmp_path):
+    items = [
+        {
+            "question": f"Who built lighthouse number {i}?",
+            "answers": ["the harbour guild"],
+            "ctxs": [
+                {"title": f"Doc {i}.{j}", "text": PASSAGE.format(year=1700 + 7 * i + j)} for j in range(5)
+            ],
+        }
+        for i in range(4)
+    ]
+    dataset, out = tmp_path / "data.json", tmp_path / "novel.json"
+    dataset.write_text(json.dumps(items))
+    argv = [
+        "--dataset",
+        str(dataset),
+        "--queries",
+        "40",
+        "--top-k",
+        "3",
+        "--window",
+        "10",
+        "--full-every",
+        "5",
+    ]
+    argv += ["--model", str(tiny_dirs["llama"]), "--out", str(out), "--plot", str(tmp_path / "novel.png")]
+    assert novel_queries.main(argv) == 0
+    report = json.loads(out.read_text())
+    fits, over = report["results"]
+    assert report["corpus"]["passages"] == 20
+    # The whole corpus fits on disk: every chunk of every novel query is a hit, start to end.
+    assert fits["summary"]["hit_rate_per_window"] == [1.0] * 4
+    assert {r["disk_bytes"] for r in fits["records"]} == {report["corpus"]["kv_bytes"]}
+    # Half of it fits: misses are recomputed (never errors) and the disk stays within its budget.
+    budget = over["disk_budget_bytes"]
+    assert 0 < over["summary"]["hit_rate"] < 1 and over["store_stats"]["evictions"] > 0
+    assert all(r["disk_bytes"] <= budget for r in over["records"])
+    assert fits["store_stats"]["corrupt"] == over["store_stats"]["corrupt"] == 0
+    assert (tmp_path / "novel.png").stat().st_size > 0
