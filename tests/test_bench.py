@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import index_throughput, novel_queries, prefetch, prefill, roofline
+from bench import index_throughput, kv_load, novel_queries, prefetch, prefill, roofline
 
 PASSAGE = "The lighthouse at Vellmark was built in {year} by the harbour guild and painted red."
 
@@ -148,3 +148,14 @@ def test_novel_query_stream_stays_flat_within_budget_and_degrades_to_recompute(t
     assert all(r["disk_bytes"] <= budget for r in over["records"])
     assert fits["store_stats"]["corrupt"] == over["store_stats"]["corrupt"] == 0
     assert (tmp_path / "novel.png").stat().st_size > 0
+
+
+def test_kv_load_times_every_format_from_disk_and_redis(dataset, tiny_dirs, tmp_path, redis_server):
+    out = tmp_path / "load.json"
+    argv = ["--dataset", str(dataset), "--top-k", "2", "--repeats", "2", "--redis", redis_server.url]
+    assert kv_load.main([*argv, "--model", str(tiny_dirs["llama"]), "--out", str(out)]) == 0
+    rows = {r["format"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) >= {"fp32", "bf16", "int8", "fp8", "cachegen-8.6.5", "cachegen-8.8.8"}
+    assert rows["bf16"]["bytes"] < rows["fp32"]["bytes"] and rows["int8"]["bytes"] < rows["bf16"]["bytes"]
+    assert all(r["disk_ms"] > 0 and r["redis_ms"] > 0 for r in rows.values())
+    assert redis_server.client().dbsize() == 0  # its keys are removed
