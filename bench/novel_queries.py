@@ -29,6 +29,7 @@ import torch
 
 from blendrag import BlendEngine
 from blendrag.store import DiskStore, MemoryStore, TieredStore
+from blendrag.store.formats import DEFAULT_FORMAT
 from harness.data import DEFAULT_DATASET, chunk_text, load_dataset
 from harness.report import settings, write_json
 
@@ -156,7 +157,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--full-every", type=int, default=10, help="also prefill every N-th query in full")
     p.add_argument("--window", type=int, default=25, help="queries per hit-rate point")
-    p.add_argument("--kv-format", default="bf16")
+    p.add_argument("--kv-format", default=DEFAULT_FORMAT)
     p.add_argument("--model", default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", type=Path, default=None, help="keep the store here (default: a temp dir)")

@@ -174,11 +174,12 @@ def test_formats_never_share_store_keys(loaded):
     assert engines["int8"].precompute(CHUNKS) == len(CHUNKS)  # bf16 entries are not int8's
 
 
-def test_default_format_is_bf16(loaded):
+def test_default_format_is_int8(loaded):
     engine = BlendEngine(loaded, MemoryStore(1 << 30))
-    assert DEFAULT_FORMAT == "bf16" and engine.kv_format.name == "bf16"
+    assert DEFAULT_FORMAT == "int8" and engine.kv_format.name == "int8"
     engine.precompute(CHUNKS[:1])
-    assert engine.store.get(engine.chunk_key(CHUNKS[0])).k.dtype == torch.bfloat16
+    kv = engine.store.get(engine.chunk_key(CHUNKS[0]))
+    assert kv.format == "int8" and codec.read_header(codec.encode(kv)).format.name == "int8"
 
 
 def test_bad_format_is_a_clear_error(tiny_dirs):

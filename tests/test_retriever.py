@@ -38,6 +38,7 @@ from blendrag.retriever.docstore import DB_NAME, DocStore
 from blendrag.retriever.index_dir import VECTORS_NAME
 from blendrag.retriever.vector_index import VectorIndex
 from blendrag.stats import GenerationStats
+from blendrag.store.formats import DEFAULT_FORMAT, get_format
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT / "blendrag" / "samples" / "corpus"
@@ -90,6 +91,7 @@ class FakeEngine:
     ):
         self.tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)
         self.fingerprint = fingerprint
+        self.kv_format = get_format(DEFAULT_FORMAT)
         self.store = store or FakeStore()
         self.precomputed: list[str] = []  # every text precompute was asked for, in order
         self.delay_s = delay_s

@@ -73,7 +73,7 @@ def add_kv_args(parser: argparse.ArgumentParser) -> None:
         "--kv-format",
         type=kv_format_name,
         help="how chunk KV is stored: fp32, bf16, fp16, int8, fp8, cachegen[-B1.B2.B3] "
-        "(default: the index's format, else bf16)",
+        "(default: the index's format, else int8)",
     )
     parser.add_argument(
         "--kv-max-bytes",

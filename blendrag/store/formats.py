@@ -156,7 +156,7 @@ FORMATS: dict[str, KVFormat] = {
         CacheGenFormat(),
     )
 }
-DEFAULT_FORMAT = "bf16"
+DEFAULT_FORMAT = "int8"  # docs/decisions/0011-kv-formats.md
 LOSSLESS_FORMAT = FORMATS["fp32"]  # holds KV of every model dtype as it was computed
 _RAW_BY_DTYPE = {f.decoded_dtype: f.name for f in FORMATS.values() if isinstance(f, RawFormat)}
 
