@@ -36,6 +36,10 @@ def chunk_kv(model: str | None, chunks: list[str]) -> list[ChunkKV]:
     return [engine.store.get(engine.chunk_key(text)) for text in chunks]
 
 
+def entry_key(fmt: str, chunk: int) -> str:
+    return f"bench-{fmt.replace('.', '_')}-{chunk}"  # store keys allow no dots
+
+
 def time_reads(store: KVStore, keys: list[str]) -> float:
     start = time.perf_counter()
     out = store.get_many(keys)
@@ -50,7 +54,7 @@ def measure(kvs: list[ChunkKV], stores: dict[str, KVStore], formats: list[str], 
     for name in formats:
         fmt = get_format(name)
         encoded = [ChunkKV(*fmt.quantize(kv.k, kv.v), fmt.tag) for kv in kvs]
-        keys[name] = [f"bench-{name.replace('.', '_')}-{i}" for i in range(len(kvs))]
+        keys[name] = [entry_key(name, i) for i in range(len(kvs))]
         rows[name]["bytes"] = sum(len(codec.encode(kv)) for kv in encoded)
         for store in stores.values():
             for key, kv in zip(keys[name], encoded, strict=True):
@@ -97,7 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.redis:
             for name in formats:
                 for i in range(len(kvs)):
-                    stores["redis"].delete(f"bench-{name.replace('.', '_')}-{i}")
+                    stores["redis"].delete(entry_key(name, i))
     base = next(r["bytes"] for r in rows if r["format"] == "fp32") if "fp32" in formats else None
     print(f"{len(kvs)} chunks, {n_tokens} tokens; ms to read and decode them all (median of {args.repeats})")
     for r in rows:

@@ -4,6 +4,7 @@ with a tiny random-weight model and checks the shape and sanity of what it repor
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -13,21 +14,25 @@ from bench import index_throughput, kv_load, novel_queries, prefetch, prefill, r
 PASSAGE = "The lighthouse at Vellmark was built in {year} by the harbour guild and painted red."
 
 
-@pytest.fixture
-def dataset(tmp_path: Path) -> Path:
+def write_dataset(path: Path, n_questions: int, n_ctxs: int, year: Callable[[int, int], int]) -> Path:
+    """A dataset of lighthouse questions, passage j of question i dated ``year(i, j)``."""
     items = [
         {
             "question": f"Who built lighthouse number {i}?",
             "answers": ["the harbour guild"],
             "ctxs": [
-                {"title": f"Doc {i}.{j}", "text": PASSAGE.format(year=1800 + 10 * i + j)} for j in range(3)
+                {"title": f"Doc {i}.{j}", "text": PASSAGE.format(year=year(i, j))} for j in range(n_ctxs)
             ],
         }
-        for i in range(2)
+        for i in range(n_questions)
     ]
-    path = tmp_path / "data.json"
     path.write_text(json.dumps(items))
     return path
+
+
+@pytest.fixture
+def dataset(tmp_path: Path) -> Path:
+    return write_dataset(tmp_path / "data.json", 2, 3, lambda i, j: 1800 + 10 * i + j)
 
 
 def test_prefill_reports_every_method_against_transformers(dataset, tiny_dirs, tmp_path, capsys):
@@ -110,18 +115,8 @@ def test_roofline_arithmetic():
 
 
 def test_novel_query_stream_stays_flat_within_budget_and_degrades_to_recompute(tiny_dirs, tmp_path):
-    items = [
-        {
-            "question": f"Who built lighthouse number {i}?",
-            "answers": ["the harbour guild"],
-            "ctxs": [
-                {"title": f"Doc {i}.{j}", "text": PASSAGE.format(year=1700 + 7 * i + j)} for j in range(5)
-            ],
-        }
-        for i in range(4)
-    ]
-    dataset, out = tmp_path / "data.json", tmp_path / "novel.json"
-    dataset.write_text(json.dumps(items))
+    dataset = write_dataset(tmp_path / "data.json", 4, 5, lambda i, j: 1700 + 7 * i + j)  # 20 passages
+    out = tmp_path / "novel.json"
     argv = [
         "--dataset",
         str(dataset),
