@@ -34,6 +34,9 @@ class BlendConfig:
         the kept share halves at each, from ``ratio * 2**g`` down to ``ratio``.
     first_k: always recompute the first k tokens of every chunk (EPIC's fix for the attention
         sink each separately prefilled chunk learns); they count against the ratio.
+    offset_weight: offset correction (``blendrag.offset``): at every layer, this share of the
+        mean residual (fresh minus reused K/V) of a chunk's recomputed tokens is added to the
+        chunk's other tokens. 0 turns it off.
     """
 
     recompute_ratio: float = 0.15
@@ -42,12 +45,15 @@ class BlendConfig:
     gradual_layers: int = 0
     first_k: int = 0
     preview_draft: int = 0
+    offset_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.recompute_ratio <= 1.0:
             raise ValueError(f"recompute_ratio must be in [0, 1], got {self.recompute_ratio}")
         if min(self.check_layer, self.gradual_layers, self.first_k, self.preview_draft) < 0:
             raise ValueError("check_layer, gradual_layers, first_k and preview_draft must be >= 0")
+        if not 0.0 <= self.offset_weight <= 1.0:
+            raise ValueError(f"offset_weight must be in [0, 1], got {self.offset_weight}")
         if self.selector not in SELECTORS:
             raise ValueError(f"selector must be one of {SELECTORS}, got {self.selector!r}")
         if self.selector in ("deviation", "attention_deviation") and self.check_layer < 1:

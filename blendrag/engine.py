@@ -26,6 +26,7 @@ from .errors import BlendRAGError, CorruptEntry
 from .forward import run_layers
 from .kvbuffer import KVBuffer
 from .loading import LoadedModel, blendrag_home, load_model
+from .offset import OffsetCorrection
 from .prompt import PromptFormat, RAGPrompt
 from .request import DEFAULT_MAX_NEW_TOKENS, MAX_QUESTION_CHARS, PromptLimits
 from .rope import Rotary
@@ -271,8 +272,20 @@ class BlendEngine:
         buf = KVBuffer(self.model.args, capacity, self.dtype, self.device)
         buf.length = len(ids)
         positions, filters, hits, misses = self._plan(mode, cfg, prompt, buf)
-        out = run_layers(self.model, self.rotary, buf, ids[positions], positions, filters, last_row_only=True)
+        correction = self._offset_correction(mode, cfg, prompt, buf)
+        model, rotary = self.model, self.rotary
+        out = run_layers(
+            model, rotary, buf, ids[positions], positions, filters, last_row_only=True, correction=correction
+        )
         return buf, out, hits, misses
+
+    def _offset_correction(
+        self, mode: Mode, cfg: BlendConfig, prompt: RAGPrompt, buf: KVBuffer
+    ) -> OffsetCorrection | None:
+        if mode != "blend" or cfg.offset_weight == 0:
+            return None
+        spans = [(o, len(c)) for o, c in zip(prompt.chunk_offsets(), prompt.chunks, strict=True)]
+        return OffsetCorrection(spans, cfg.offset_weight, self.rotary, buf)
 
     def _plan(self, mode: Mode, cfg: BlendConfig, prompt: RAGPrompt, buf: KVBuffer):
         """Load reused KV into ``buf``; return (positions to compute, filters, hits, misses)."""

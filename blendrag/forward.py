@@ -42,6 +42,11 @@ class LayerView:
 # Returns indices into the active rows to keep.
 Filter = Callable[[LayerView], torch.Tensor]
 
+# Called at each layer with (layer, active positions, their fresh rotated K and V, the buffer)
+# before the fresh K/V are written: it may change the reused K/V of the other positions
+# (``blendrag.offset.OffsetCorrection``).
+Correction = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, KVBuffer], None]
+
 # Replaces ``model.attend`` in every layer: (q [H, n, D], keys, values [Hkv, T, D], the queries'
 # positions) -> attention output [H, n, D], causal by position. The preview uses it to
 # read the attention weights it computes anyway.
@@ -79,6 +84,7 @@ def run_layers(
     capture: bool = False,
     attention: Attention | None = None,
     last_row_only: bool = False,
+    correction: Correction | None = None,
 ) -> LayerLoopResult:
     """Run all layers for ``token_ids`` at sorted ``positions`` (all < ``kv.length``).
 
@@ -101,6 +107,8 @@ def run_layers(
                 result.captured_k.append(k)
                 result.captured_v.append(v)
             q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+            if correction is not None:
+                correction(i, positions, k, v, kv)
             if i in filters:
                 deviation = kernels.kv_deviation(v, kv.v[i], positions)
                 kv.write(i, positions, k, v)

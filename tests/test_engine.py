@@ -26,8 +26,9 @@ RATIO_ONE_CONFIGS = pytest.mark.parametrize(
     [
         BlendConfig(recompute_ratio=1.0, selector="deviation", check_layer=1),
         BlendConfig(recompute_ratio=1.0, selector="preview", check_layer=0, preview_draft=3),
+        BlendConfig(recompute_ratio=1.0, offset_weight=1.0),
     ],
-    ids=["deviation", "preview"],
+    ids=["deviation", "preview", "offset"],
 )
 
 
@@ -345,6 +346,8 @@ def test_bad_config_is_rejected():
         replace(BlendConfig(), selector="magic")
     with pytest.raises(ValueError, match="check_layer >= 1"):
         BlendConfig(selector="deviation", check_layer=0)  # no deviation exists at layer 0
+    with pytest.raises(ValueError, match="offset_weight"):
+        BlendConfig(offset_weight=1.5)
 
 
 @pytest.mark.slow
