@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import torch
 
 from .kvbuffer import KVBuffer
-from .rope import Rotary, rotate
+from .rope import Rotary, rotate, unrotate
 
 
 class OffsetCorrection:
@@ -38,9 +38,7 @@ class OffsetCorrection:
         for i, (start, length) in enumerate(spans):
             self.span_of[start + 1 : start + length] = i
         self.cos, self.sin = rotary.cos_sin(torch.arange(kv.length, device=device), torch.float32)
-        # The tables carry the rope's attention factor s (1 but for e.g. YaRN): rotated keys are
-        # s * R k, so un-rotating divides by s twice.
-        self.unscale = 1.0 / rotary.scaling**2
+        self.scaling = rotary.scaling
 
     def __call__(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: KVBuffer):
         span = self.span_of[positions]
@@ -50,7 +48,7 @@ class OffsetCorrection:
         probes, span = positions[probe], span[probe]
         cos, sin = self.cos[probes], self.sin[probes]
         # Residuals [Hkv, n_probes, D]; keys un-rotated (rotation by -angle) to a common frame.
-        res_k = rotate(k[:, probe].float() - kv.k[layer][:, probes].float(), cos, -sin) * self.unscale
+        res_k = unrotate(k[:, probe].float() - kv.k[layer][:, probes].float(), cos, sin, self.scaling)
         res_v = v[:, probe].float() - kv.v[layer][:, probes].float()
         shift_k, shift_v = self._span_means(res_k, span), self._span_means(res_v, span)
         targets = self.span_of.clone()

@@ -40,3 +40,9 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     half = x.shape[-1] // 2
     rotated_half = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated_half * sin
+
+
+def unrotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, scaling: float) -> torch.Tensor:
+    """The inverse of ``rotate`` with the same tables: their attention factor ``scaling`` (1 but
+    for e.g. YaRN) is in both cos and sin, so ``rotate`` scales by it and this divides it out."""
+    return rotate(x, cos, -sin) / scaling**2

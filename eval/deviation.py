@@ -6,7 +6,9 @@ For each question: full prefill and reuse (every chunk's KV as precomputed, noth
 of the same prompt, then per layer, over the chunk tokens: the relative error of the reused V,
 the share of that error held by the worst ``--ratio`` of tokens (is it sparse enough for a few
 recomputed tokens to fix?), and how many of those worst tokens are also the worst at layer 1
-(can a layer-1 score, CacheBlend's, find them?).
+(can a layer-1 score, CacheBlend's, find them?). Then, for offset correction (``blendrag.offset``),
+the share of each chunk's K and V residual (full minus reused, keys un-rotated) that the chunk's
+mean residual explains, per layer: what a perfectly estimated offset would remove.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from blendrag.rope import unrotate
 from harness.data import load_prompts
 from harness.runner import load_backend
 
@@ -40,6 +43,19 @@ def layer_report(full_v: torch.Tensor, reuse_v: torch.Tensor, ratio: float) -> l
     return rows
 
 
+def mean_share(full: torch.Tensor, reuse: torch.Tensor, spans: list[tuple[int, int]]) -> torch.Tensor:
+    """``[n_layers]``: the share of the chunk residual ``full - reuse`` (``[n_layers, n_kv_heads,
+    positions, head_dim]``) that each chunk's mean residual per layer and KV head explains. A
+    chunk's first token is left out, as offset correction leaves it out."""
+    total = explained = torch.zeros(full.shape[0], dtype=torch.float64)
+    for start, length in spans:
+        residual = (full - reuse)[:, :, start + 1 : start + length].double()
+        mean = residual.mean(dim=2, keepdim=True)
+        total = total + residual.pow(2).sum(dim=(1, 2, 3))
+        explained = explained + mean.pow(2).sum(dim=(1, 2, 3)) * residual.shape[2]
+    return explained / total
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m eval.deviation", description=__doc__.splitlines()[0])
     p.add_argument("--dataset", type=Path, required=True)
@@ -54,13 +70,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         reuse = engine.prefill(chunks, question, mode="reuse")
         lo, hi = len(full.prompt.prefix), full.prompt.suffix_start
         rows = layer_report(full.kv.v[:, :, lo:hi], reuse.kv.v[:, :, lo:hi], args.ratio)
+        n = full.prompt.suffix_start
+        cos, sin = engine.rotary.cos_sin(torch.arange(n), torch.float32)
+        keys = [
+            unrotate(pre.kv.k[:, :, :n].float(), cos, sin, engine.rotary.scaling) for pre in (full, reuse)
+        ]
+        spans = [(o, len(c)) for o, c in zip(full.prompt.chunk_offsets(), full.prompt.chunks, strict=True)]
+        k_share = mean_share(*keys, spans)
+        v_share = mean_share(full.kv.v[:, :, :n], reuse.kv.v[:, :, :n], spans)
         print(f"{question}  ({hi - lo} chunk tokens)")
         worst = f"worst {args.ratio:.0%} share"
-        print(f"{'layer':>5}  {'rel. V error':>12}  {worst:>17}  {'overlap L1':>10}")
-        for r in rows:
+        print(
+            f"{'layer':>5}  {'rel. V error':>12}  {worst:>17}  {'overlap L1':>10}  K mean share  V mean share"
+        )
+        for r, ks, vs in zip(rows, k_share.tolist(), v_share.tolist(), strict=True):
             print(
                 f"{r['layer']:>5}  {r['relative_error']:>12.3f}  {r['worst_share']:>17.2f}"
-                f"  {r['overlap_with_layer_1']:>10.2f}"
+                f"  {r['overlap_with_layer_1']:>10.2f}  {ks:>12.2f}  {vs:>12.2f}"
             )
     return 0
 

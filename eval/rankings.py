@@ -159,7 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     backend = load_backend(args.model, args.kv_store, device=args.device, dtype=args.dtype)
     records = evaluate(backend, items, rankings, args.ratios, args.top_k, args.max_new_tokens, args.ref_cache)
     variants = [Variant(name, "blend") for name in records[0]["results"]] if records else []
-    summary = summarize_all(records, variants)
+    summary = summarize_all(records, [v.name for v in variants])
     report(args, summary, records)
     return 0
 

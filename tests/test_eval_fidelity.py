@@ -2,8 +2,11 @@
 
 import json
 
+import pytest
+import torch
+
 from blendrag import BlendConfig
-from eval import fidelity
+from eval import fidelity, noise_floor
 from harness.runner import Backend
 from harness.variants import parse_variants
 
@@ -56,7 +59,7 @@ def test_identical_is_exact_and_references_are_cached(tiny_engine, tmp_path, mon
         ]
 
     assert quality(again) == quality(records)
-    summary = fidelity.summarize_all(again, variants)
+    summary = fidelity.summarize_all(again, [v.name for v in variants])
     assert [row["name"] for row in summary] == ["preview@1.0", "reuse"]
     assert summary[0]["identical"] == 1.0
 
@@ -72,3 +75,53 @@ def test_main_prints_the_table_and_writes_json(tiny_dirs, tmp_path, capsys):
     assert [line.split()[0] for line in table[1:3]] == ["reuse", "preview@0.5"]
     summary = json.loads(out.read_text())["summary"]
     assert all(0 <= row["first_miss"] <= 4 and row["n"] == 2 for row in summary)
+
+
+def test_a_floor_that_rounds_nothing_is_full_prefill(tiny_engine):
+    """The floors' own prefill and teacher forcing reproduce the engine's full prefill exactly, so
+    what a floor row shows is its rounding alone."""
+    chunks, question = [c["text"] for c in ITEMS[0]["ctxs"]], ITEMS[0]["question"]
+    floor = noise_floor.Floor(tiny_engine, "kv=bf16")
+    floor.rounding = lambda x: x
+    run = floor.prefill(chunks, question, capacity=3)
+    full = tiny_engine.prefill(chunks, question, mode="full", max_new_tokens=3)
+    assert torch.equal(run.logits, full.logits)
+    assert torch.equal(run.extend([5, 6, 7]), tiny_engine.continuation_logits(full, [5, 6, 7]))
+
+
+def test_kv_roundings():
+    x = torch.tensor([[[1000.0, -1000.0, 1.0, 0.3]]])
+    assert noise_floor.KV_ROUNDINGS["fp8"](x).tolist() == [[[448.0, -448.0, 1.0, 0.3125]]]  # saturates
+    torch.manual_seed(0)
+    y = torch.randn(2, 50, 16) * torch.logspace(-3, 3, 50)[None, :, None]  # tokens of very different sizes
+    per_token = noise_floor.KV_ROUNDINGS["fp8-token"](y)
+    # e4m3 keeps 3 mantissa bits: within 1/16 of each token's largest value, whatever its size.
+    assert ((per_token - y).abs() <= y.abs().amax(-1, keepdim=True) / 16).all()
+    assert torch.equal(noise_floor.KV_ROUNDINGS["bf16"](y), y.bfloat16().float())
+
+
+def test_floors_and_gold_f1_in_the_report(tiny_engine, tmp_path):
+    backend = Backend(tiny_engine, BlendConfig())
+    variants = parse_variants("preview@0.5")
+    floors = ["kv=fp16", "kv=fp8", "weights=bf16"]
+    plain = fidelity.evaluate(backend, ITEMS, variants, 3, 6, tmp_path)
+    gold = fidelity.evaluate(backend, ITEMS, variants, 3, 6, tmp_path, floors, with_gold=True)
+    for before, after in zip(plain, gold, strict=True):
+        # Decoding for gold F1 first, then rewinding, leaves teacher forcing as it was.
+        scores = {k: v for k, v in after["results"]["preview@0.5"].items() if k not in ("ttft_s", "f1_gold")}
+        assert scores == {k: v for k, v in before["results"]["preview@0.5"].items() if k != "ttft_s"}
+        assert set(after["results"]) == {"preview@0.5", *floors}
+        assert 0.0 <= after["full_f1_gold"] <= 1.0
+        assert all(0.0 <= r["f1_gold"] <= 1.0 for r in after["results"].values())
+        assert after["results"]["kv=fp8"]["kl_first"] > after["results"]["kv=fp16"]["kl_first"]
+    summary = fidelity.summarize_all(gold, ["preview@0.5", *floors])
+    lo, hi = summary[1]["kl_first_ci"]
+    assert lo <= summary[1]["kl_first"] <= hi
+    assert "F1gold" in fidelity.format_table(summary).splitlines()[0]
+
+
+def test_unknown_floor_is_one_line(tiny_dirs, tmp_path):
+    dataset = tmp_path / "data.json"
+    dataset.write_text(json.dumps(ITEMS))
+    with pytest.raises(SystemExit, match="unknown noise floor"):
+        fidelity.main(["--dataset", str(dataset), "--floors", "kv=int3"])

@@ -55,3 +55,18 @@ def test_deviation_layer_report_on_known_errors():
     assert (rows[1]["worst_share"], rows[1]["overlap_with_layer_1"]) == (1.0, 1.0)
     assert rows[2]["worst_share"] == pytest.approx(80 / 88)
     assert rows[2]["overlap_with_layer_1"] == 0.5
+
+
+def test_mean_share_is_what_a_chunk_mean_explains():
+    from eval.deviation import mean_share
+
+    torch.manual_seed(0)
+    reuse = torch.randn(2, 3, 12, 4)
+    offset = torch.randn(1, 3, 1, 4)
+    noise = torch.randn(2, 3, 12, 4)
+    noise -= noise[:, :, 1:6].mean(2, keepdim=True)  # zero mean over the chunk (first token left out)
+    full = reuse.clone()
+    full[0, :, 0:6] += offset[0]  # layer 0: the chunk is shifted as a whole
+    full[1, :, 0:6] += noise[1, :, 0:6]  # layer 1: residuals with no common part
+    share = mean_share(full, reuse, [(0, 6)])
+    torch.testing.assert_close(share, torch.tensor([1.0, 0.0], dtype=torch.float64))
