@@ -14,9 +14,11 @@
 2. TTFT of ``BlendEngine.prefill`` for full, reuse and blend at each ratio (CacheBlend's
    deviation selection at check layer 1, and the default preview selector), N chunks x 512
    tokens + a 32-token question, with the chunk KV (a) in GPU memory, loaded in the foreground,
-   or (b) in pinned host memory, loaded layer by layer while the layers compute (the engine's
-   prefetch). CUDA-event medians after warm-up, beside ``bench.roofline``'s model evaluated
-   with the ceilings measured in the same run (device copy, host-to-device copy, GEMM).
+   (b) in pinned host memory, or (c) in plain host memory, as a store holds it, staged through
+   pinned memory; (b) and (c) loaded layer by layer while the layers compute (the engine's
+   prefetch: copies and re-alignment on a side stream, ``blendrag.transfer``). CUDA-event
+   medians after warm-up, beside ``bench.roofline``'s model evaluated with the ceilings measured
+   in the same run (device copy, host-to-device copy, GEMM).
 3. The kernels of ``blendrag.kernels`` at the largest prompt's sizes, each checked against its
    torch reference and timed against a device-to-device copy of the bytes it moves.
 
@@ -97,7 +99,7 @@ TWIN_CASES = [
     ("blend preview r=0.3", "blend", BlendConfig(recompute_ratio=0.3, preview_draft=2)),
 ]
 # Where the chunk KV lives while timed: (store placement, engine's layer-wise prefetch).
-LOCATIONS = {"device": False, "pinned": True}
+LOCATIONS = {"device": False, "pinned": True, "host": True}
 MB = 1e6
 
 
@@ -309,8 +311,8 @@ def location_engines(
 ) -> dict[str, BlendEngine]:
     """One engine per ``LOCATIONS`` entry on one model, the pool's chunk KV and the prompt
     prefix's computed once: "device" keeps it in device memory and loads it in the foreground,
-    "pinned" keeps it in pinned host memory (plain host memory without CUDA) and loads it layer
-    by layer while computing."""
+    "pinned" keeps it in pinned host memory (plain host memory without CUDA) and "host" in plain
+    host memory, both loaded layer by layer while computing."""
     source = synthetic.engine(model, config, MemoryStore(1 << 40), name)
     source.precompute(pool)
     source.prefill(pool[:1], question, mode="reuse")  # stores the prompt prefix's KV too
@@ -324,7 +326,7 @@ def location_engines(
             kv = source.store.get(key)
             if location == "device":
                 kv = ChunkKV(kv.k.to(device), kv.v.to(device))
-            elif device.type == "cuda":
+            elif location == "pinned" and device.type == "cuda":
                 kv = ChunkKV(kv.k.pin_memory(), kv.v.pin_memory())
             store.put(key, kv)
         return store
@@ -381,7 +383,7 @@ def roofline_ms(
         hbm_gbs=ceilings["copy_gbs"],
         peak_tflops=ceilings["gemm_tflops"],
     )
-    return model["ttft_pinned_kv_ms" if location == "pinned" else "ttft_gpu_kv_ms"]
+    return model["ttft_gpu_kv_ms" if location == "device" else "ttft_pinned_kv_ms"]
 
 
 def timed_prefill(
@@ -752,8 +754,11 @@ def markdown(report: dict[str, Any]) -> str:
         "## Prefill TTFT (ms)",
         "",
         "KV device: chunk KV in device memory, loaded in the foreground; pinned: in pinned host memory, "
-        "loaded layer by layer while computing. Stall: time the layers waited for that loading. Model: "
-        "bench.roofline (CacheBlend's deviation selection; it does not model the preview selector).",
+        "host: in plain host memory (staged through pinned memory), both loaded layer by layer while "
+        "computing. Stall: time the layer loop's host waited for the loader to issue a layer (on CUDA "
+        "the wait for its copies is the compute stream's, inside the TTFT). Model: bench.roofline "
+        "(CacheBlend's deviation selection; it does not model the preview selector; host is modelled "
+        "as pinned, without the staging copy).",
         "",
     ]
     columns = ["chunks:", "tokens:", "method", "KV", "median:", "p90:", "recomputed:", "stall:"]

@@ -1,7 +1,7 @@
 """Layer-wise loading of reused KV in the background: while the model computes layer i, a thread
 reads layer i+1 of every reused chunk from the store, copies it into the request's buffer and
-re-aligns its keys (the loading pipeline of the CacheBlend paper, on a thread instead of a CUDA
-side stream)."""
+re-aligns its keys (the loading pipeline of the CacheBlend paper; on CUDA the thread enqueues the
+copies on a side stream, ``blendrag.transfer``)."""
 
 from __future__ import annotations
 

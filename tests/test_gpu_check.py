@@ -71,7 +71,7 @@ def test_smoke_times_every_mode_location_and_kernel(smoke):
     report = smoke["report"]
     rows = report["prefill"]
     cases = list(gpu_check.prefill_cases([0.05, 0.15, 0.3]))
-    assert len(cases) == 1 + 2 * 7  # full; per location reuse and blend x 2 selectors x 3 ratios
+    assert len(cases) == 1 + 3 * 7  # full; per location reuse and blend x 2 selectors x 3 ratios
     assert [(r["chunks"], r["method"], r["kv"]) for r in rows] == [
         (n, method, kv) for n in (1, 2) for method, _, _, kv in cases
     ]

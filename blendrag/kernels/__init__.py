@@ -45,7 +45,15 @@ def _use_triton(x: torch.Tensor) -> bool:
 def segment_positions(segments: Sequence[tuple[int, int]], device: torch.device | str) -> torch.Tensor:
     """The positions covered by ``(start, length)`` segments, as one int64 tensor on ``device``."""
     ranges = [torch.arange(start, start + length) for start, length in segments]
-    return torch.cat(ranges).to(device) if ranges else torch.empty(0, dtype=torch.long, device=device)
+    if not ranges:
+        return torch.empty(0, dtype=torch.long, device=device)
+    positions = torch.cat(ranges)
+    if torch.device(device).type == "cuda":
+        # From pageable memory the copy would block the host until the stream is idle: for the
+        # background loader, until its side stream has copied the layer (no staging ahead). The
+        # pinned allocator keeps this memory until the copy that reads it is done.
+        positions = positions.pin_memory()
+    return positions.to(device, non_blocking=True)
 
 
 def rope_realign(
