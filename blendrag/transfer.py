@@ -21,7 +21,7 @@ import torch
 
 class Transfer(Protocol):
     # Copies may run after they are issued: host sources are staged in ``pinned`` memory and that
-    # memory is reused only after ``sync``. ``pinned`` and ``sync`` are called only when True.
+    # memory is reused only after ``sync``. The loader stages only when True.
     asynchronous: bool
 
     def stream(self) -> AbstractContextManager[object]:
@@ -57,6 +57,12 @@ class HostTransfer:
         pass
 
     def wait(self, layer: int) -> None:
+        pass
+
+    def pinned(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        return torch.empty(shape, dtype=dtype)  # a copy on the host is done when issued
+
+    def sync(self, layer: int) -> None:
         pass
 
 
