@@ -23,7 +23,7 @@ from torch.profiler import record_function
 
 from .config import MODES, BlendConfig, Mode
 from .errors import BlendRAGError, CorruptEntry
-from .forward import run_layers
+from .forward import Filter, run_layers
 from .kvbuffer import KVBuffer
 from .loading import LoadedModel, blendrag_home, load_model
 from .offset import OffsetCorrection
@@ -41,11 +41,26 @@ ChunkContext = Literal["prefix", "none"]
 
 
 @dataclass
+class PrefillPlan:
+    """What a prefill computes over the KV it loaded: ``positions`` run from layer 0, ``filters``
+    narrow them at later layers (blend's check layers), ``scores`` ranked the chunk tokens before
+    the pass (the preview's attention, or the caller's), ``correction`` changes the reused KV of
+    the tokens not computed (offset correction)."""
+
+    positions: torch.Tensor
+    filters: dict[int, Filter] = field(default_factory=dict)
+    scores: torch.Tensor | None = None
+    correction: OffsetCorrection | None = None
+
+
+@dataclass
 class Prefill:
     logits: torch.Tensor  # next-token logits at the last prompt position, [vocab], fp32
     stats: PrefillStats
     prompt: RAGPrompt
     kv: KVBuffer = field(repr=False)
+    plan: PrefillPlan = field(repr=False)
+    recomputed: torch.Tensor = field(repr=False)  # the positions computed at the last layer
 
 
 @dataclass
@@ -237,9 +252,12 @@ class BlendEngine:
         recompute_ratio: float | None = None,
         config: BlendConfig | None = None,
         max_new_tokens: int = 0,
+        scores: torch.Tensor | None = None,
     ) -> Prefill:
         """Build the RAG prompt and prefill it; ``logits`` are for the first answer token.
-        ``max_new_tokens`` reserves room in the returned KV buffer for decoding."""
+        ``max_new_tokens`` reserves room in the returned KV buffer for decoding. ``scores``
+        (blend only; ``[prompt tokens]``, higher = recompute first) rank the chunk tokens instead
+        of the configured selector, e.g. a ranking under study (``eval.rankings``)."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         cfg = self._resolve_config(recompute_ratio, config)
@@ -248,11 +266,11 @@ class BlendEngine:
         # Room after the prompt: decoding's tokens, or the preview's draft tokens.
         capacity = len(prompt.ids) + max(max_new_tokens, cfg.preview_draft)
         try:
-            buf, out, hits, misses = self._run_prefill(mode, cfg, prompt, capacity)
+            buf, plan, out, hits, misses = self._run_prefill(mode, cfg, prompt, capacity, scores)
         except CorruptEntry:
             # A reused layer failed its checksum while loading. The store dropped that entry, so
             # this second try recomputes the chunk instead.
-            buf, out, hits, misses = self._run_prefill(mode, cfg, prompt, capacity)
+            buf, plan, out, hits, misses = self._run_prefill(mode, cfg, prompt, capacity, scores)
         logits = self.model.logits(out.last_hidden)
         n = len(prompt.ids)
         stats = PrefillStats(
@@ -265,33 +283,35 @@ class BlendEngine:
             load_stall_s=buf.load_stall_s,
             ttft_s=time.perf_counter() - start,
         )
-        return Prefill(logits, stats, prompt, buf)
+        return Prefill(logits, stats, prompt, buf, plan, out.positions)
 
-    def _run_prefill(self, mode: Mode, cfg: BlendConfig, prompt: RAGPrompt, capacity: int):
+    def _run_prefill(
+        self, mode: Mode, cfg: BlendConfig, prompt: RAGPrompt, capacity: int, scores: torch.Tensor | None
+    ):
         ids = self._ids(prompt.ids)
         buf = KVBuffer(self.model.args, capacity, self.dtype, self.device)
         buf.length = len(ids)
-        positions, filters, hits, misses = self._plan(mode, cfg, prompt, buf)
-        correction = self._offset_correction(mode, cfg, prompt, buf)
-        model, rotary = self.model, self.rotary
+        plan, hits, misses = self._plan(mode, cfg, prompt, buf, scores)
+        positions = plan.positions
         out = run_layers(
-            model, rotary, buf, ids[positions], positions, filters, last_row_only=True, correction=correction
+            self.model,
+            self.rotary,
+            buf,
+            ids[positions],
+            positions,
+            plan.filters,
+            last_row_only=True,
+            correction=plan.correction,
         )
-        return buf, out, hits, misses
+        return buf, plan, out, hits, misses
 
-    def _offset_correction(
-        self, mode: Mode, cfg: BlendConfig, prompt: RAGPrompt, buf: KVBuffer
-    ) -> OffsetCorrection | None:
-        if mode != "blend" or cfg.offset_weight == 0:
-            return None
-        spans = [(o, len(c)) for o, c in zip(prompt.chunk_offsets(), prompt.chunks, strict=True)]
-        return OffsetCorrection(spans, cfg.offset_weight, self.rotary, buf)
-
-    def _plan(self, mode: Mode, cfg: BlendConfig, prompt: RAGPrompt, buf: KVBuffer):
-        """Load reused KV into ``buf``; return (positions to compute, filters, hits, misses)."""
+    def _plan(
+        self, mode: Mode, cfg: BlendConfig, prompt: RAGPrompt, buf: KVBuffer, scores: torch.Tensor | None
+    ) -> tuple[PrefillPlan, int, int]:
+        """Load reused KV into ``buf``; return (the plan, store hits, misses)."""
         n = len(prompt.ids)
         if mode == "full":
-            return self._arange(0, n), None, 0, 0
+            return PrefillPlan(self._arange(0, n)), 0, 0
         exact_first = self.chunk_context == "prefix" and prompt.prefix == self.prompt_format.prefix_ids
         # prefix mode reuses only what is exact: the prefix, and the first chunk when it is exact.
         n_reused = (1 if exact_first else 0) if mode == "prefix" else len(prompt.chunks)
@@ -305,12 +325,19 @@ class BlendEngine:
             buf.load(segments, self.rotary, background=self.prefetch)
         misses = len(segments) - 1 - hits
         if mode == "prefix":
-            return self._arange(segments[-1][0] + segments[-1][1].n_tokens, n), None, hits, misses
+            return PrefillPlan(self._arange(segments[-1][0] + segments[-1][1].n_tokens, n)), hits, misses
         if mode == "reuse":
-            return self._arange(prompt.suffix_start, n), None, hits, misses
-        return (*self._blend_plan(cfg, prompt, exact_first, buf), hits, misses)
+            return PrefillPlan(self._arange(prompt.suffix_start, n)), hits, misses
+        return self._blend_plan(cfg, prompt, exact_first, buf, scores), hits, misses
 
-    def _blend_plan(self, cfg: BlendConfig, prompt: RAGPrompt, exact_first: bool, buf: KVBuffer):
+    def _blend_plan(
+        self,
+        cfg: BlendConfig,
+        prompt: RAGPrompt,
+        exact_first: bool,
+        buf: KVBuffer,
+        scores: torch.Tensor | None,
+    ) -> PrefillPlan:
         # An exact first chunk needs no recompute at all: it starts after the same prefix.
         skip = len(prompt.chunks[0]) if exact_first and prompt.chunks else 0
         positions = self._arange(len(prompt.prefix) + skip, len(prompt.ids))
@@ -322,13 +349,25 @@ class BlendEngine:
             ],
         )
         n_chunk_tokens = prompt.suffix_start - len(prompt.prefix)
-        prior = None
-        if cfg.selector == "preview":
+        if scores is not None:  # the caller's ranking, cut before the pass as the preview's is
+            cfg = replace(cfg, selector="preview")
+        elif cfg.selector == "preview":
             suffix = self._arange(prompt.suffix_start, len(prompt.ids))
             ids = self._ids(prompt.suffix)
             with record_function("blendrag.preview"):
-                prior = preview_attention(cfg, self.model, self.rotary, buf, ids, suffix)
-        return plan_selection(cfg, positions, n_chunk_tokens, prompt.suffix_start, forced, prior)
+                scores = preview_attention(cfg, self.model, self.rotary, buf, ids, suffix)
+        positions, filters = plan_selection(
+            cfg, positions, n_chunk_tokens, prompt.suffix_start, forced, scores
+        )
+        return PrefillPlan(positions, filters, scores, self._offset_correction(cfg, prompt, buf))
+
+    def _offset_correction(
+        self, cfg: BlendConfig, prompt: RAGPrompt, buf: KVBuffer
+    ) -> OffsetCorrection | None:
+        if cfg.offset_weight == 0:
+            return None
+        spans = [(o, len(c)) for o, c in zip(prompt.chunk_offsets(), prompt.chunks, strict=True)]
+        return OffsetCorrection(spans, cfg.offset_weight, self.rotary, buf)
 
     # ---- decoding ---------------------------------------------------------------------------
 

@@ -57,6 +57,7 @@ Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], t
 class LayerLoopResult:
     hidden: torch.Tensor  # after the final layer: of the active tokens (the last only: last_row_only)
     n_active_per_layer: list[int]
+    positions: torch.Tensor  # the active positions of the final layer (all of them: last_row_only too)
     captured_k: list[torch.Tensor] = field(default_factory=list)  # per layer, before RoPE
     captured_v: list[torch.Tensor] = field(default_factory=list)
 
@@ -95,7 +96,7 @@ def run_layers(
     h = model.embed_tokens(token_ids)
     cos, sin = rotary.cos_sin(positions, h.dtype)
     mask = causal_mask(positions, kv.length)
-    result = LayerLoopResult(h, [])
+    result = LayerLoopResult(h, [], positions)
     # Up to its first filter, a filtered pass runs every token it started with.
     first_filter = min(filters, default=-1)
     for i, block in enumerate(model.layers):
@@ -119,6 +120,7 @@ def run_layers(
             else:
                 kv.write(i, positions, k, v)
             result.n_active_per_layer.append(positions.numel())
+            result.positions = positions
             if last_row_only and i == len(model.layers) - 1:
                 h, q, positions = h[-1:], q[:, -1:], positions[-1:]
                 mask = causal_mask(positions, kv.length)

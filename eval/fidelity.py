@@ -105,12 +105,16 @@ def score_variant(
     ref: Reference,
     golds: Sequence[str] = (),
     max_new_tokens: int = 0,
+    scores: torch.Tensor | None = None,
 ) -> dict[str, Any]:
-    """``score`` of one variant's prefill (with ``golds``, its greedy answer's F1 too)."""
+    """``score`` of one variant's prefill (with ``golds``, its greedy answer's F1 too; with
+    ``scores``, blend's chunk tokens ranked by them: ``BlendEngine.prefill``)."""
     engine = backend.engine
     config = backend.config_for(variant)
     room = max(len(ref.answer_ids), max_new_tokens)
-    pre = engine.prefill(chunks, question, mode=variant.mode, config=config, max_new_tokens=room)
+    pre = engine.prefill(
+        chunks, question, mode=variant.mode, config=config, max_new_tokens=room, scores=scores
+    )
     run = Prefilled(
         pre.logits,
         pre.kv,

@@ -22,12 +22,10 @@ import argparse
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 import torch
 from tqdm import tqdm
 
-import blendrag.engine
 from blendrag.forward import LayerView, run_layers
 from blendrag.kvbuffer import KVBuffer
 from blendrag.selection import question_attention
@@ -104,10 +102,7 @@ def score_ranking(
     """One blend whose preview scores are ``scores``: the engine's own selection path then keeps
     the question and the top ``ratio`` of chunk tokens by them."""
     variant = Variant(f"{name}@{ratio:g}", "blend", ratio, "preview")
-    # The only way into the engine's selection without a query-time API for it: the preview's
-    # scores are what every other step of the blend is derived from.
-    with mock.patch.object(blendrag.engine, "preview_attention", lambda *args: scores):
-        return score_variant(backend, chunks, question, variant, ref)
+    return score_variant(backend, chunks, question, variant, ref, scores=scores)
 
 
 def evaluate(

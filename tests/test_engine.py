@@ -84,33 +84,16 @@ def test_question_always_recomputed_and_budget_respected(tiny_engine, selector, 
     assert pre.stats.n_recomputed == len(p.suffix) + round(ratio * n_chunk)
 
 
-def test_first_k_tokens_are_forced(tiny_engine, monkeypatch):
+def test_first_k_tokens_are_forced(tiny_engine):
     """With first_k and a budget that only fits them, exactly those positions are kept."""
-    kept = {}
-    import blendrag.engine as engine_mod
-
-    real = engine_mod.run_layers
-
-    def spy(model, rotary, kv, ids, positions, filters=None, capture=False, **kwargs):
-        wrapped = {}
-        for layer, f in (filters or {}).items():
-
-            def w(view, f=f, layer=layer):
-                keep = f(view)
-                kept[layer] = view.positions[keep].tolist()
-                return keep
-
-            wrapped[layer] = w
-        return real(model, rotary, kv, ids, positions, wrapped, capture, **kwargs)
-
-    monkeypatch.setattr(engine_mod, "run_layers", spy)
     prompt = tiny_engine.prompt_format.build(CHUNKS, QUESTION)
     n_chunk = prompt.suffix_start - len(prompt.prefix)
     cfg = BlendConfig(recompute_ratio=3 * 2 / n_chunk, selector="deviation", check_layer=1, first_k=2)
-    tiny_engine.prefill(CHUNKS, QUESTION, mode="blend", config=cfg)
+    pre = tiny_engine.prefill(CHUNKS, QUESTION, mode="blend", config=cfg)
+    assert list(pre.plan.filters) == [1]  # the check layer's filter made the cut
     forced = [o + j for o in prompt.chunk_offsets()[1:] for j in range(2)]
     question = list(range(prompt.suffix_start, len(prompt.ids)))
-    kept_positions = kept[1]
+    kept_positions = pre.recomputed.tolist()
     assert set(forced) <= set(kept_positions)
     assert set(question) <= set(kept_positions)
 
@@ -175,7 +158,7 @@ def test_continuation_logits_equal_step_by_step_decoding(tiny_engine, mode):
         torch.testing.assert_close(step, forced[i], atol=1e-4, rtol=1e-4)
 
 
-def test_preview_recomputes_the_tokens_the_question_attends_to(tiny_engine, monkeypatch):
+def test_preview_recomputes_the_tokens_the_question_attends_to(tiny_engine):
     """The preview scores are the question's attention over the reused KV: the chunk rows the
     blend pass computes are exactly the top-scored ones."""
     from blendrag.selection import preview_attention
@@ -189,22 +172,15 @@ def test_preview_recomputes_the_tokens_the_question_attends_to(tiny_engine, monk
             cfg, tiny_engine.model, tiny_engine.rotary, reuse.kv, torch.tensor(prompt.suffix), suffix
         )
     assert scores.shape == (len(prompt.ids),)
-    kept = {}
-    import blendrag.engine as engine_mod
-
-    real = engine_mod.run_layers
-
-    def spy(model, rotary, kv, ids, positions, filters=None, capture=False, **kwargs):
-        kept["positions"] = positions.tolist()  # the preview's cut is made before the pass
-        return real(model, rotary, kv, ids, positions, filters, capture, **kwargs)
-
-    monkeypatch.setattr(engine_mod, "run_layers", spy)
-    tiny_engine.prefill(CHUNKS, QUESTION, mode="blend", config=cfg)
+    pre = tiny_engine.prefill(CHUNKS, QUESTION, mode="blend", config=cfg)
+    torch.testing.assert_close(pre.plan.scores, scores)
+    assert not pre.plan.filters  # the preview's cut is made before the pass
+    assert torch.equal(pre.recomputed, pre.plan.positions)
     first = len(prompt.prefix) + len(prompt.chunks[0])  # exact first chunk (prefix context)
     candidates = torch.arange(first, prompt.suffix_start)
     budget = round(0.2 * (prompt.suffix_start - len(prompt.prefix)))
     expected = candidates[scores[candidates].topk(budget).indices].tolist()
-    chunk_kept = [p for p in kept["positions"] if p < prompt.suffix_start]
+    chunk_kept = [p for p in pre.plan.positions.tolist() if p < prompt.suffix_start]
     assert sorted(chunk_kept) == sorted(expected)
 
 
