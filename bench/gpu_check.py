@@ -54,7 +54,7 @@ import blendrag
 from bench import roofline, synthetic
 from blendrag import kernels
 from blendrag.config import BlendConfig
-from blendrag.engine import BlendEngine, Prefill, segment_key
+from blendrag.engine import BlendEngine, Prefill
 from blendrag.kernels import reference
 from blendrag.kvbuffer import KVBuffer
 from blendrag.model import Transformer
@@ -316,8 +316,8 @@ def location_engines(
     source = synthetic.engine(model, config, MemoryStore(1 << 40), name)
     source.precompute(pool)
     source.prefill(pool[:1], question, mode="reuse")  # stores the prompt prefix's KV too
-    keys = [source.chunk_key(t) for t in pool]
-    keys.append(segment_key(source.fingerprint, [], source.prompt_format.prefix_ids))
+    keys = [source.chunk_kv.key(t) for t in pool]
+    keys.append(source.chunk_kv.segment_key([], source.prompt_format.prefix_ids))
     device = source.device
 
     def placed(location: str) -> MemoryStore:

@@ -147,7 +147,7 @@ def query_once(retriever: Retriever, engine: BlendEngine, question: str, top_k: 
     texts = [c.text for c in retriever.search(question, top_k)]
     t1 = time.perf_counter()
     for text in texts:  # disk -> memory tier; the prefill below then finds the KV in memory
-        engine.store.get(engine.chunk_key(text))
+        engine.store.get(engine.chunk_kv.key(text))
     t2 = time.perf_counter()
     pre = engine.prefill(texts, question, mode="blend")
     t3 = time.perf_counter()

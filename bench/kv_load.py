@@ -33,7 +33,7 @@ from harness.report import settings, write_json
 def chunk_kv(model: str | None, chunks: list[str]) -> list[ChunkKV]:
     engine = BlendEngine.from_pretrained(model, store=MemoryStore(1 << 40), kv_format="fp32")
     engine.precompute(chunks)
-    return [engine.store.get(engine.chunk_key(text)) for text in chunks]
+    return [engine.store.get(engine.chunk_kv.key(text)) for text in chunks]
 
 
 def entry_key(fmt: str, chunk: int) -> str:

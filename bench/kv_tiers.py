@@ -43,25 +43,24 @@ def main(argv: list[str] | None = None) -> dict:
         "redis": TieredStore([remote], names=["redis"]),
         "recompute": MemoryStore(0),  # keeps nothing: every chunk is computed for the request
     }
-    engine = BlendEngine.from_pretrained(store=stores["memory"])
+    base = BlendEngine.from_pretrained(store=stores["memory"])
+    engines = {name: base.with_store(store) for name, store in stores.items()}  # one model for all
     for name in ("memory", "redis"):  # fill both stores before any timing
-        engine.store = stores[name]
         for question, chunks in prompts:
-            engine.prefill(chunks, question)
+            engines[name].prefill(chunks, question)
     variants = [("full", "memory", "full"), *((name, name, "blend") for name in stores)]
     ttft: dict[str, list[float]] = {name: [] for name, _, _ in variants}
     hits: dict[str, int] = {name: 0 for name, _, _ in variants}
     for _ in range(args.repeats):
         for question, chunks in prompts:
             for name, store, mode in variants:  # interleaved: load changes hit every variant alike
-                engine.store = stores[store]
-                stats = engine.prefill(chunks, question, mode=mode).stats
+                stats = engines[store].prefill(chunks, question, mode=mode).stats
                 ttft[name].append(stats.ttft_s)
                 hits[name] += stats.cache_hits
     result = {
         "prompts": len(prompts),
         "repeats": args.repeats,
-        "mean_prompt_tokens": statistics.fmean(len(engine.prompt_format.build(c, q).ids) for q, c in prompts),
+        "mean_prompt_tokens": statistics.fmean(len(base.prompt_format.build(c, q).ids) for q, c in prompts),
         "ttft_s": {name: summarize(values) for name, values in ttft.items()},
         "chunk_hits": hits,
         "redis_unavailable": remote.stats["unavailable"],

@@ -36,7 +36,7 @@ LOAD_PHASES = ("blendrag.store_read", "blendrag.realign")
 def evict(store: DiskStore, engine: BlendEngine, chunks: list[str]) -> None:
     """Drop the chunks' KV files from the page cache (clean pages: no privileges needed)."""
     for chunk in chunks:
-        fd = os.open(store.path(engine.chunk_key(chunk)), os.O_RDONLY)
+        fd = os.open(store.path(engine.chunk_kv.key(chunk)), os.O_RDONLY)
         try:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:

@@ -1,26 +1,24 @@
-"""``BlendEngine``: chunk KV precompute, the four prefill modes, and decoding.
+"""``BlendEngine``: the four prefill modes over stored chunk KV, and decoding.
 
-Chunk KV ("segments") is computed once and kept in a ``KVStore``. A segment is a run of tokens
-computed right after a *context* (tokens that precede it at precompute time and whose KV it
-attended to). ``chunk_context="none"`` (the default) prefills each chunk alone from position 0;
-``"prefix"`` prefills it right after the prompt prefix (system prompt + instruction), which makes
-the first chunk of a prompt exact (same tokens, positions and context as a full prefill) but
-leaves blend further from full prefill (docs/decisions/0002-chunk-context-none.md). The prefix
-itself is a segment with an empty context.
+Chunk KV ("segments") is computed once, by this engine's model, and kept in a ``KVStore``
+(``blendrag.chunk_kv``: keys, lookups). ``chunk_context="none"`` (the default) prefills each
+chunk alone from position 0; ``"prefix"`` prefills it right after the prompt prefix (system
+prompt + instruction), which makes the first chunk of a prompt exact (same tokens, positions and
+context as a full prefill) but leaves blend further from full prefill
+(docs/decisions/0002-chunk-context-none.md). The prefix itself is a segment with an empty context.
 """
 
 from __future__ import annotations
 
-import hashlib
+import copy
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
-from typing import Literal
 
-import numpy as np
 import torch
 from torch.profiler import record_function
 
+from .chunk_kv import ChunkContext, ChunkKVCache
 from .config import MODES, BlendConfig, Mode
 from .errors import BlendRAGError, CorruptEntry
 from .forward import Filter, run_layers
@@ -34,10 +32,8 @@ from .sampling import Detokenizer, Sampler, SamplingParams
 from .selection import plan_selection, preview_attention
 from .stats import GenerationStats, PrefillStats
 from .store import KVStore, open_store
-from .store.base import ChunkKV, LayeredKV
-from .store.formats import DEFAULT_FORMAT, LOSSLESS_FORMAT, KVFormat, get_format
-
-ChunkContext = Literal["prefix", "none"]
+from .store.base import ChunkKV
+from .store.formats import DEFAULT_FORMAT, KVFormat, get_format
 
 
 @dataclass
@@ -108,11 +104,17 @@ class BlendEngine:
         self.tokenizer = loaded.tokenizer
         self.fingerprint = loaded.fingerprint
         self.model_path = loaded.path
-        self.store = store
-        self.kv_format = get_format(kv_format)  # how computed chunk KV is quantized and stored
         self.config = config or BlendConfig()
         self.prompt_format = prompt_format or PromptFormat(self.tokenizer)
-        self.chunk_context = chunk_context
+        # Chunk KV: keys, lookups, and this engine's model computing what is missing.
+        self.chunk_kv = ChunkKVCache(
+            store,
+            self.fingerprint,
+            self.prompt_format,
+            get_format(kv_format),
+            chunk_context,
+            self._compute_segment,
+        )
         self.prefetch = prefetch  # load reused KV layer by layer while computing (BlendEngine.prefill)
         self.rotary = Rotary(loaded.config, self.model.args.head_dim)
         weight = next(self.model.parameters())
@@ -167,46 +169,11 @@ class BlendEngine:
 
     # ---- chunk KV -------------------------------------------------------------------------
 
-    def _context_ids(self) -> list[int]:
-        return self.prompt_format.prefix_ids if self.chunk_context == "prefix" else []
-
-    def _segment_format(self, context: list[int], ids: list[int]) -> KVFormat:
-        # The system prompt is one segment that every prompt reads as its first tokens (the
-        # attention sink every later token attends to): it costs almost nothing kept lossless.
-        if not context and ids == self.prompt_format.prefix_ids:
-            return LOSSLESS_FORMAT
-        return self.kv_format
-
-    def _segment_key(self, context: list[int], ids: list[int]) -> str:
-        return kv_key(self.fingerprint, self._segment_format(context, ids), context, ids)
-
-    def chunk_key(self, text: str) -> str:
-        """Store key of a chunk's KV (fingerprint, chunk context and token ids)."""
-        return self._segment_key(self._context_ids(), self.prompt_format.chunk_ids(text))
-
-    def _segment(self, context: list[int], ids: list[int]) -> tuple[LayeredKV, bool]:
-        """A segment's KV from the store, computed and stored on a miss. Returns (kv, hit)."""
-        return self._segments(context, [ids])[0]
-
-    def _segments(self, context: list[int], segments: list[list[int]]) -> list[tuple[LayeredKV, bool]]:
-        """``_segment`` of each, with one store lookup for all (one round trip to a remote tier).
-        Entries on disk are read layer by layer, when the buffer loads them."""
-        keys = [self._segment_key(context, ids) for ids in segments]
-        found = dict(zip(keys, self.store.get_layered(keys), strict=True))
-        out = []
-        for key, ids in zip(keys, segments, strict=True):
-            hit = found[key] is not None
-            if not hit:  # computed once even if the prompt repeats the segment
-                found[key] = self._compute_segment(context, ids)
-                self.store.put(key, found[key])
-            out.append((found[key], hit))
-        return out
-
     @torch.inference_mode()
     def _compute_segment(self, context: list[int], ids: list[int]) -> ChunkKV:
         buf = KVBuffer(self.model.args, len(context) + len(ids), self.dtype, self.device)
         if context:
-            buf.load([(0, self._segment([], context)[0])], self.rotary)
+            buf.load([(0, self.chunk_kv.segments([], [context])[0][0])], self.rotary)
         buf.length = len(context) + len(ids)
         positions = self._arange(len(context), buf.length)
         out = run_layers(
@@ -214,19 +181,31 @@ class BlendEngine:
         )
         # Stored KV lives on the host: the store outlasts any one device buffer. It is quantized
         # here, once, so every tier holds (and every prompt reads) the same values.
-        fmt = self._segment_format(context, ids)
+        fmt = self.chunk_kv.segment_format(context, ids)
         k, v = fmt.quantize(torch.stack(out.captured_k).cpu(), torch.stack(out.captured_v).cpu())
         return ChunkKV(k, v, fmt.tag)
 
     def precompute(self, texts: list[str]) -> int:
         """Compute and store the KV of every chunk not yet in the store; returns how many."""
-        context, computed = self._context_ids(), 0
-        for text in texts:
-            computed += not self._segment(context, self.prompt_format.chunk_ids(text))[1]
-        return computed
+        return self.chunk_kv.precompute(texts)
 
-    def has_kv(self, text: str) -> bool:
-        return self.store.contains(self.chunk_key(text))
+    @property
+    def store(self) -> KVStore:
+        return self.chunk_kv.store
+
+    @property
+    def kv_format(self) -> KVFormat:
+        return self.chunk_kv.kv_format
+
+    @property
+    def chunk_context(self) -> ChunkContext:
+        return self.chunk_kv.chunk_context
+
+    def with_store(self, store: KVStore) -> BlendEngine:
+        """This engine (the same model, weights and settings) over another KV store."""
+        view = copy.copy(self)
+        view.chunk_kv = replace(self.chunk_kv, store=store, compute=view._compute_segment)
+        return view
 
     # ---- prefill ----------------------------------------------------------------------------
 
@@ -316,9 +295,9 @@ class BlendEngine:
         # prefix mode reuses only what is exact: the prefix, and the first chunk when it is exact.
         n_reused = (1 if exact_first else 0) if mode == "prefix" else len(prompt.chunks)
         with record_function("blendrag.store_read"):
-            segments = [(0, self._segment([], prompt.prefix)[0])]
+            segments = [(0, self.chunk_kv.segments([], [prompt.prefix])[0][0])]
             offsets = prompt.chunk_offsets()[:n_reused]
-            fetched = self._segments(self._context_ids(), prompt.chunks[:n_reused])
+            fetched = self.chunk_kv.segments(self.chunk_kv.context_ids, prompt.chunks[:n_reused])
             segments += [(offset, kv) for offset, (kv, _) in zip(offsets, fetched, strict=True)]
             hits = sum(hit for _, hit in fetched)
         with record_function("blendrag.realign"):
@@ -462,22 +441,6 @@ def resolve_device(
             raise BlendRAGError(f"dtype {dtype!r}: not a torch dtype (e.g. float32, bfloat16)")
         dtype = getattr(torch, dtype)
     return device, dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-
-
-def kv_key(fingerprint: str, fmt: KVFormat, context: list[int], ids: list[int]) -> str:
-    """Store key of a segment's KV in ``fmt``: keys name the format, so entries of different
-    formats never mix (fp32 keeps the keys it had before formats existed)."""
-    lossless = fmt.tag == LOSSLESS_FORMAT.tag
-    return segment_key(fingerprint if lossless else f"{fingerprint}|kv={fmt.tag}", context, ids)
-
-
-def segment_key(fingerprint: str, context: list[int], ids: list[int]) -> str:
-    """Store key of a segment's KV: model fingerprint, context token ids and its own token ids."""
-    h = hashlib.sha256(fingerprint.encode())
-    h.update(np.asarray(context, dtype=np.int64).tobytes())
-    h.update(b"|")
-    h.update(np.asarray(ids, dtype=np.int64).tobytes())
-    return h.hexdigest()
 
 
 def _eos_ids(loaded: LoadedModel) -> set[int]:

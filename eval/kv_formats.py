@@ -49,11 +49,11 @@ def store_chunks(engines: dict[str, BlendEngine], chunks: list[str]) -> dict[str
     base.precompute(chunks)
     nbytes = dict.fromkeys(engines, 0)
     for text in chunks:
-        kv32 = base.store.get(base.chunk_key(text))
+        kv32 = base.store.get(base.chunk_kv.key(text))
         for name, engine in engines.items():
             fmt = get_format(name)
             kv = ChunkKV(*fmt.quantize(kv32.k, kv32.v), fmt.tag)
-            engine.store.put(engine.chunk_key(text), kv)
+            engine.store.put(engine.chunk_kv.key(text), kv)
             nbytes[name] += len(codec.encode(kv))
     return nbytes
 

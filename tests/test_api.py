@@ -287,7 +287,7 @@ def test_add_then_delete_documents(tiny_engine, index_dir, tmp_path):
         job = wait_for_job(client, job["status_url"])
         assert job["status"] == "done" and job["queryable"] and job["added_chunks"] == 2
         assert client.get("/health").json()["index_documents"] == 2
-        assert all(tiny_engine.has_kv(d["text"]) for d in docs)
+        assert all(tiny_engine.chunk_kv.contains(d["text"]) for d in docs)
 
         hits = client.post("/query", json={"question": "Where is the zeppelin moored?", "top_k": 1}).json()
         assert hits["chunks"][0]["doc_id"] == "zeppelin" and hits["stats"]["cache_hits"] == 1

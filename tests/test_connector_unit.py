@@ -112,7 +112,8 @@ def count_builds(connector, monkeypatch) -> list[int]:
 def test_a_waiting_request_is_matched_once_until_it_finishes(scheduler, indexer, monkeypatch):
     blend = blend_request(indexer.prompt_format, CHUNKS, QUESTION)
     request, n = fake_request("r1", blend), len(blend.prompt_token_ids)
-    scheduler.store = store = CountingStore(scheduler.store)
+    store = CountingStore(scheduler.store)
+    scheduler.chunk_kv = scheduler.chunk_kv.with_store(store)
     builds = count_builds(scheduler, monkeypatch)
     assert scheduler.get_num_new_matched_tokens(request, 0) == (n - 1, False)
     assert (store.lookups, len(builds)) == (len(CHUNKS), 1)
@@ -131,7 +132,8 @@ def test_a_waiting_request_is_matched_once_until_it_finishes(scheduler, indexer,
 def test_a_miss_is_remembered_too_and_counted(scheduler, indexer, monkeypatch):
     blend = blend_request(indexer.prompt_format, ["Not in the store."], QUESTION)
     request = fake_request("r2", blend)
-    scheduler.store = store = CountingStore(scheduler.store)
+    store = CountingStore(scheduler.store)
+    scheduler.chunk_kv = scheduler.chunk_kv.with_store(store)
     assert scheduler.get_num_new_matched_tokens(request, 0) == (0, False)
     assert scheduler.get_num_new_matched_tokens(request, 0) == (0, False)
     assert store.lookups == 1
@@ -242,7 +244,7 @@ def test_the_worker_writes_the_blend_into_the_requests_slots(worker, indexer):
 def test_a_failed_blend_reports_its_blocks_once_and_the_step_goes_on(worker, indexer, store):
     spec = spec_for(indexer, start=BLOCK)
     # A store entry the scheduler sees but the worker cannot read: a directory where its file was.
-    path = worker.store.tiers[1].path(indexer.chunk_key(CHUNKS[1]))
+    path = worker.store.tiers[1].path(indexer.chunk_kv.key(CHUNKS[1]))
     path.unlink()
     path.mkdir()
     load(worker, spec, forward_context(indexer))

@@ -58,7 +58,7 @@ def test_prefill_allocates_nothing_off_the_engine_device(tiny_dirs, mode, config
 def test_stored_kv_stays_on_the_host(tiny_dirs):
     engine = tiny(tiny_dirs)
     engine.precompute(CHUNKS)
-    entry = engine.store.get(engine.chunk_key(CHUNKS[0]))
+    entry = engine.store.get(engine.chunk_kv.key(CHUNKS[0]))
     assert entry.k.device.type == "cpu" and entry.format == engine.kv_format.tag
 
 
@@ -72,7 +72,7 @@ def test_bf16_engine_holds_bf16_everywhere(bf16_engine):
     pre = bf16_engine.prefill(CHUNKS, QUESTION, mode="blend")
     assert bf16_engine.dtype == torch.bfloat16
     assert pre.kv.k.dtype == pre.kv.v.dtype == torch.bfloat16
-    assert bf16_engine.store.get(bf16_engine.chunk_key(CHUNKS[1])).v.dtype == torch.bfloat16
+    assert bf16_engine.store.get(bf16_engine.chunk_kv.key(CHUNKS[1])).v.dtype == torch.bfloat16
 
 
 def test_bf16_and_fp32_engines_never_share_kv(tiny_dirs, bf16_engine):

@@ -106,7 +106,7 @@ def test_realigned_keys_equal_fresh_keys_at_new_offset(tiny_dirs, variant):
         str(tiny_dirs[variant]), store=MemoryStore(1 << 28), chunk_context="none", kv_format="fp32"
     )
     ids = engine.prompt_format.chunk_ids(CHUNKS[1])
-    stored, _ = engine._segment([], ids)
+    stored, _ = engine.chunk_kv.segments([], [ids])[0]
     offset = 1000
     buf = KVBuffer(engine.model.args, offset + len(ids), engine.dtype)
     buf.load([(offset, stored)], engine.rotary)
@@ -215,7 +215,7 @@ def test_corrupt_disk_entry_is_recomputed(tiny_dirs, tmp_path):
     engine = BlendEngine.from_pretrained(str(tiny_dirs["llama"]), store=DiskStore(tmp_path / "kv"))
     first = engine.prefill(CHUNKS, QUESTION, mode="reuse")
     assert first.stats.cache_misses == 3
-    victim = next((tmp_path / "kv").rglob(f"{engine.chunk_key(CHUNKS[2])}*"))
+    victim = next((tmp_path / "kv").rglob(f"{engine.chunk_kv.key(CHUNKS[2])}*"))
     data = bytearray(victim.read_bytes())
     data[len(data) // 2] ^= 0xFF
     victim.write_bytes(bytes(data))
@@ -270,7 +270,7 @@ def test_kv_of_another_model_is_never_used(tiny_dirs):
     b = BlendEngine.from_pretrained(str(tiny_dirs["llama3"]), store=store)
     assert a.fingerprint != b.fingerprint
     a.precompute(CHUNKS)
-    assert all(a.has_kv(c) for c in CHUNKS) and not any(b.has_kv(c) for c in CHUNKS)
+    assert all(a.chunk_kv.contains(c) for c in CHUNKS) and not any(b.chunk_kv.contains(c) for c in CHUNKS)
     assert b.prefill(CHUNKS, QUESTION, mode="reuse").stats.cache_misses == 3
 
 

@@ -232,4 +232,4 @@ def test_retrieve_mode_indexes_the_passages_once_and_retrieves_per_question(tiny
     source = retrieved_chunks(tiny_engine, items, tmp_path / "index", top_k=2)
     assert "Sarn" in source(items[0])[0]
     assert "1921" in source(items[1])[0]
-    assert all(tiny_engine.has_kv(c) for item in items for c in source(item))
+    assert all(tiny_engine.chunk_kv.contains(c) for item in items for c in source(item))

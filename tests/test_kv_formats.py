@@ -9,7 +9,7 @@ import torch
 from test_engine import CHUNKS, QUESTION
 
 from blendrag import BlendConfig, BlendEngine
-from blendrag.engine import segment_key
+from blendrag.chunk_kv import segment_key
 from blendrag.errors import BlendRAGError, CorruptEntry
 from blendrag.store import ChunkKV, DiskStore, MemoryStore, codec
 from blendrag.store.formats import DEFAULT_FORMAT, FORMATS, CacheGenFormat, get_format
@@ -165,7 +165,7 @@ def test_formats_never_share_store_keys(loaded):
     engines = {
         name: BlendEngine(loaded, store, kv_format=name) for name in ("fp32", "bf16", "int8", "cachegen")
     }
-    keys = {name: e.chunk_key(CHUNKS[0]) for name, e in engines.items()}
+    keys = {name: e.chunk_kv.key(CHUNKS[0]) for name, e in engines.items()}
     assert len(set(keys.values())) == len(keys)
     # fp32 keeps the keys stores held before formats existed.
     ids = engines["fp32"].prompt_format.chunk_ids(CHUNKS[0])
@@ -178,7 +178,7 @@ def test_default_format_is_int8(loaded):
     engine = BlendEngine(loaded, MemoryStore(1 << 30))
     assert DEFAULT_FORMAT == "int8" and engine.kv_format.name == "int8"
     engine.precompute(CHUNKS[:1])
-    kv = engine.store.get(engine.chunk_key(CHUNKS[0]))
+    kv = engine.store.get(engine.chunk_kv.key(CHUNKS[0]))
     assert kv.format == "int8" and codec.read_header(codec.encode(kv)).format.name == "int8"
 
 
@@ -202,7 +202,7 @@ def test_corrupt_entry_on_disk_is_recomputed(loaded, tmp_path, name):
     store = DiskStore(tmp_path)
     engine = BlendEngine(loaded, store, kv_format=name)
     before = engine.prefill(CHUNKS, QUESTION, mode="reuse")
-    path = store.path(engine.chunk_key(CHUNKS[1]))
+    path = store.path(engine.chunk_kv.key(CHUNKS[1]))
     data = bytearray(path.read_bytes())
     data[-7] ^= 0xFF
     path.write_bytes(data)

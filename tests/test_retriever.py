@@ -83,6 +83,20 @@ class FakeStream(list):
         self.result = result
 
 
+class FakeChunkKV:
+    """What the indexer uses of an engine's chunk KV: a key per text (the fake model's), and
+    deletion from the store."""
+
+    def __init__(self, fingerprint: str, store: FakeStore) -> None:
+        self.fingerprint, self.store = fingerprint, store
+
+    def key(self, text: str) -> str:
+        return hashlib.sha256(f"{self.fingerprint}|{text}".encode()).hexdigest()
+
+    def delete(self, key: str) -> None:
+        self.store.delete(key)
+
+
 class FakeEngine:
     limits = PromptLimits(context_length=1 << 20)
 
@@ -93,18 +107,16 @@ class FakeEngine:
         self.fingerprint = fingerprint
         self.kv_format = get_format(DEFAULT_FORMAT)
         self.store = store or FakeStore()
+        self.chunk_kv = FakeChunkKV(fingerprint, self.store)
         self.precomputed: list[str] = []  # every text precompute was asked for, in order
         self.delay_s = delay_s
-
-    def chunk_key(self, text: str) -> str:
-        return hashlib.sha256(f"{self.fingerprint}|{text}".encode()).hexdigest()
 
     def precompute(self, texts: list[str]) -> int:
         time.sleep(self.delay_s)
         self.precomputed += texts
-        todo = [t for t in texts if not self.store.contains(self.chunk_key(t))]
+        todo = [t for t in texts if not self.store.contains(self.chunk_kv.key(t))]
         for text in todo:
-            self.store.put(self.chunk_key(text), text.encode())
+            self.store.put(self.chunk_kv.key(text), text.encode())
         if self.delay_s:
             print(f"precomputed {len(self.precomputed)}", flush=True)
         return len(todo)
@@ -347,7 +359,7 @@ def test_crash_then_resume_equals_clean_build(tmp_path, monkeypatch, embedder, c
     Retriever(index_dir, embedder).search("lighthouse", 3)  # the interrupted index opens and answers
     build_index([CORPUS], index_dir, engine, chunk_tokens=CHUNK_TOKENS, batch_size=8, embedder=embedder)
     assert snapshot(index_dir) == clean
-    assert all(engine.store.contains(engine.chunk_key(t)) for t in engine.precomputed)
+    assert all(engine.store.contains(engine.chunk_kv.key(t)) for t in engine.precomputed)
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -371,7 +383,7 @@ def test_random_crashes_then_resume_equals_clean_build(tmp_path, monkeypatch, em
             Retriever(index_dir, embedder).search("lighthouse", 3)
     build_index([CORPUS], index_dir, engine, chunk_tokens=CHUNK_TOKENS, batch_size=8, embedder=embedder)
     assert snapshot(index_dir) == clean
-    assert all(engine.store.contains(engine.chunk_key(t)) for t in engine.precomputed)
+    assert all(engine.store.contains(engine.chunk_kv.key(t)) for t in engine.precomputed)
 
 
 @pytest.mark.parametrize("seed", range(3))
@@ -420,7 +432,7 @@ def test_delete_removes_vectors_texts_and_kv(tmp_path, engine, embedder):
     after = snapshot(index_dir)
     assert after["n_rows"] == after["ntotal"] == before["n_rows"] - len(texts) and after["ids_match"]
     assert not db.execute("SELECT 1 FROM chunks WHERE doc_id = 'calder_cup_regatta.md'").fetchall()
-    assert not any(engine.store.contains(engine.chunk_key(t)) for t in texts)
+    assert not any(engine.store.contains(engine.chunk_kv.key(t)) for t in texts)
     assert len(engine.store.data) == after["n_rows"]
     hits = Retriever(index_dir, embedder).search("Calder Cup rowing course record", top_k=10)
     assert "calder_cup_regatta.md" not in {h.doc_id for h in hits}
@@ -433,7 +445,7 @@ def test_delete_keeps_kv_shared_with_another_document(tmp_path, engine, embedder
     (tmp_path / "docs.jsonl").write_text("\n".join(lines))
     build_index([tmp_path / "docs.jsonl"], tmp_path / "index", engine, embedder=embedder)
     delete_document(tmp_path / "index", "a", engine)
-    assert engine.store.contains(engine.chunk_key("The same boilerplate notice."))
+    assert engine.store.contains(engine.chunk_kv.key("The same boilerplate notice."))
 
 
 def test_edited_document_replaces_its_chunks(tmp_path, engine, embedder):
@@ -445,7 +457,7 @@ def test_edited_document_replaces_its_chunks(tmp_path, engine, embedder):
     assert counts["added"] == counts["removed"] == 1
     (hit,) = Retriever(tmp_path / "index", embedder).search("meeting", top_k=5)
     assert "Friday" in hit.text
-    assert not engine.store.contains(engine.chunk_key("The meeting is on Monday in room 4."))
+    assert not engine.store.contains(engine.chunk_kv.key("The meeting is on Monday in room 4."))
 
 
 # -- bad input

@@ -103,12 +103,12 @@ def test_kv_is_not_shared_across_namespaces_unless_marked_shared(client, tiny_en
     assert chat(client, GLOBEX, SECRET)["cache_misses"] == 1
     assert chat(client, GLOBEX, SECRET)["cache_hits"] == 1  # now globex's own copy
     keys = list(tiny_engine.store._entries)
-    chunk_key = tiny_engine.chunk_key(SECRET)
+    chunk_key = tiny_engine.chunk_kv.key(SECRET)
     assert f"acme-{chunk_key}" in keys and f"globex-{chunk_key}" in keys
     # "public" is shared: its KV lives under the bare content key, which the engine itself uses.
     shared = "A shared announcement: the library opens at nine."
     assert chat(client, PUBLIC, shared)["cache_misses"] == 1
-    assert tiny_engine.store.contains(tiny_engine.chunk_key(shared))
+    assert tiny_engine.store.contains(tiny_engine.chunk_kv.key(shared))
 
 
 def test_openai_client_style_key_works(client):

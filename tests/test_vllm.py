@@ -124,7 +124,7 @@ def test_a_failed_blend_is_prefilled_by_vllm(llm, store_engine):
     was): the worker reports the request's blocks as failed, and vLLM prefills the prompt itself."""
     chunks = sample_chunks(["hollin_ridge_observatory.txt", "vellmark_history.md"])
     store_engine.precompute(chunks)
-    path = store_engine.store.tiers[1].path(store_engine.chunk_key(chunks[0]))
+    path = store_engine.store.tiers[1].path(store_engine.chunk_kv.key(chunks[0]))
     path.unlink()
     path.mkdir()
     request = blend_request(store_engine.prompt_format, chunks, "When was the observatory built?")
@@ -168,4 +168,4 @@ def test_fallback_is_a_normal_prefill(llm, store_engine, case):
     assert out.num_cached_tokens == 0 and blend_report(out.kv_transfer_params) is None
     assert out.outputs[0].text == plain(llm, request.prompt_token_ids).outputs[0].text
     if case == "store_miss":  # the lighthouse chunk is stored (by other tests), the first is not
-        assert not store_engine.has_kv(chunks[0])  # and the lookup computed nothing
+        assert not store_engine.chunk_kv.contains(chunks[0])  # and the lookup computed nothing

@@ -14,7 +14,6 @@ configuration the server has one namespace, ``default``, answering from ``INDEX_
 
 from __future__ import annotations
 
-import copy
 import hmac
 import json
 import os
@@ -95,9 +94,7 @@ def namespace_engine(engine, tenants: TenantConfig, namespace: str):
     """The engine as ``namespace`` sees it: same model and weights, its own view of the KV store."""
     if namespace in tenants.shared_kv:
         return engine
-    view = copy.copy(engine)
-    view.store = NamespacedStore(engine.store, namespace)
-    return view
+    return engine.with_store(NamespacedStore(engine.store, namespace))
 
 
 def namespace_index_dir(root: Path, namespace: str) -> Path:

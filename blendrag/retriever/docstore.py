@@ -52,7 +52,7 @@ class ChunkRow:
     doc_id: str
     seq: int  # position of the chunk in its document
     hash: str  # sha256 of doc id and text: the chunk's identity across runs
-    kv_key: str  # engine.chunk_key(text); identical texts share one KV entry
+    kv_key: str  # engine.chunk_kv.key(text); identical texts share one KV entry
     text: str
     start: int
     end: int

@@ -151,7 +151,7 @@ def chunk_document(doc: Document, engine, chunk_tokens: int, overlap: int) -> li
                 doc.id,
                 seq,
                 h,
-                engine.chunk_key(chunk.text),
+                engine.chunk_kv.key(chunk.text),
                 chunk.text,
                 chunk.start,
                 chunk.end,
@@ -194,7 +194,7 @@ def index_stats(index_dir: str | Path) -> dict:
 def _remove_chunks(index: IndexDir, engine, ids: list[int], doc_id: str | None = None) -> None:
     """KV first, then rows (and the document, if given), then vectors: see invariant 4."""
     for key in index.docstore.unshared_kv_keys(ids):
-        engine.store.delete(key)
+        engine.chunk_kv.delete(key)
     with index.docstore.transaction() as db:
         index.docstore.delete_chunks(db, ids)
         if doc_id is not None:

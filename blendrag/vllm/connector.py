@@ -44,8 +44,9 @@ from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStat
 from vllm.distributed.parallel_state import get_pp_group, get_tp_group
 from vllm.model_executor.models.utils import extract_layer_index
 
+from blendrag.chunk_kv import ChunkKVCache
 from blendrag.config import BlendConfig
-from blendrag.engine import BlendEngine, kv_key
+from blendrag.engine import BlendEngine
 from blendrag.errors import BlendRAGError
 from blendrag.kvbuffer import KVBuffer
 from blendrag.loading import inspect_checkpoint
@@ -212,6 +213,14 @@ class BlendConnector(KVConnectorBase_V1):
             )
         self.prompt_format = PromptFormat(ckpt.tokenizer)
         self.store = open_store(self.cfg.store)
+        # scheduler: which chunks are stored (the keys the worker's engine uses; no model here)
+        self.chunk_kv = ChunkKVCache(
+            self.store,
+            ckpt.fingerprint,
+            self.prompt_format,
+            get_format(self.cfg.kv_format),
+            self.cfg.chunk_context,  # type: ignore[arg-type]
+        )
         self._stats = BlendConnectorStats()
         # scheduler: each waiting request's match, computed once (None: vLLM prefills it) ...
         self._plans: dict[str, LoadSpec | None] = {}
@@ -296,14 +305,9 @@ class BlendConnector(KVConnectorBase_V1):
             # Blended KV is approximate: unsalted, vLLM's prefix cache would hand it to plain requests.
             return None
         prompt = self.prompt_format.build(chunks, question)
-        if list(request.prompt_token_ids or []) != prompt.ids or not self._all_stored(prompt.chunks):
+        if list(request.prompt_token_ids or []) != prompt.ids or not self.chunk_kv.all_stored(prompt.chunks):
             return None
         return LoadSpec(request.request_id, chunks, question, blend, 0, len(prompt.ids) - 1)
-
-    def _all_stored(self, chunk_ids: list[list[int]]) -> bool:
-        context = self.prompt_format.prefix_ids if self.cfg.chunk_context == "prefix" else []
-        fmt = get_format(self.cfg.kv_format)
-        return all(self.store.contains(kv_key(self.fingerprint, fmt, context, ids)) for ids in chunk_ids)
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int):
         plan = self._plans.get(request.request_id)
