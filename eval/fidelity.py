@@ -287,7 +287,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add_screen_args(p)
     p.add_argument("--n", type=int, default=None)
     p.add_argument("--skip", type=int, default=0, help="start at question SKIP")
-    p.add_argument("--variants", default="", help='";"-separated: reuse, prefix, or SPEC@RATIO')
+    p.add_argument("--variants", default="", help='";"-separated: full (timed), reuse, prefix, or SPEC@RATIO')
     p.add_argument(
         "--floors",
         default="",

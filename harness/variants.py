@@ -53,10 +53,10 @@ def build_variants(
 
 
 def parse_variants(text: str) -> list[Variant]:
-    """``"reuse;deviation@0.15;attention,check_layer=2@0.3"`` -> variants."""
+    """``"full;reuse;deviation@0.15;attention,check_layer=2@0.3"`` -> variants."""
     variants = []
     for part in filter(None, (p.strip() for p in text.split(";"))):
-        if part in ("reuse", "prefix"):
+        if part in ("full", "reuse", "prefix"):
             variants.append(Variant(part, part))
             continue
         spec, sep, ratio = part.rpartition("@")

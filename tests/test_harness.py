@@ -25,7 +25,8 @@ SCRIPTS = sorted(
 
 
 def test_parse_variants():
-    assert parse_variants("reuse; deviation,first_k=4@0.15") == [
+    assert parse_variants("full;reuse; deviation,first_k=4@0.15") == [
+        Variant("full", "full"),
         Variant("reuse", "reuse"),
         Variant("deviation,first_k=4@0.15", "blend", 0.15, "deviation,first_k=4"),
     ]
