@@ -36,7 +36,7 @@ class BlendConfig:
         sink each separately prefilled chunk learns); they count against the ratio.
     offset_weight: offset correction (``blendrag.offset``): at every layer, this share of the
         mean residual (fresh minus reused K/V) of a chunk's recomputed tokens is added to the
-        chunk's other tokens. 0 turns it off.
+        chunk's other tokens. 0 turns it off (docs/decisions/0012-offset-correction.md).
     """
 
     recompute_ratio: float = 0.15
@@ -45,7 +45,7 @@ class BlendConfig:
     gradual_layers: int = 0
     first_k: int = 0
     preview_draft: int = 0
-    offset_weight: float = 0.0
+    offset_weight: float = 0.5
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.recompute_ratio <= 1.0:

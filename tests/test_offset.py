@@ -79,21 +79,19 @@ def test_no_probe_in_any_chunk_changes_nothing():
 
 
 def test_offset_changes_blend_and_only_when_on(tiny_engine):
-    """Off (weight 0) is the blend without the option; on, it moves the non-recomputed tokens,
-    and the KV it leaves is what decoding reads."""
-    base = BlendConfig(recompute_ratio=0.3)
-    plain = tiny_engine.prefill(CHUNKS, QUESTION, mode="blend", config=base)
+    """Off (weight 0), no correction is installed: the blend as it was before the option; on,
+    it moves the non-recomputed tokens, and the KV it leaves is what decoding reads."""
     off = tiny_engine.prefill(
         CHUNKS, QUESTION, mode="blend", config=BlendConfig(recompute_ratio=0.3, offset_weight=0)
     )
     on = tiny_engine.prefill(
         CHUNKS, QUESTION, mode="blend", config=BlendConfig(recompute_ratio=0.3, offset_weight=1)
     )
-    assert torch.equal(off.logits, plain.logits) and torch.equal(off.kv.k, plain.kv.k)
-    assert not torch.equal(on.logits, plain.logits)
+    assert off.plan.correction is None and on.plan.correction is not None
+    assert torch.equal(on.plan.positions, off.plan.positions)  # the same tokens recomputed
+    assert not torch.equal(on.logits, off.logits)
     # The prefix and the exact first chunk (chunk context "prefix") are never corrected.
     exact = len(on.prompt.prefix) + len(on.prompt.chunks[0])
-    assert torch.equal(on.kv.k[:, :, :exact], plain.kv.k[:, :, :exact])
-    assert not torch.equal(
-        on.kv.v[:, :, exact : on.prompt.suffix_start], plain.kv.v[:, :, exact : on.prompt.suffix_start]
-    )
+    assert torch.equal(on.kv.k[:, :, :exact], off.kv.k[:, :, :exact])
+    chunks = slice(exact, on.prompt.suffix_start)
+    assert not torch.equal(on.kv.v[:, :, chunks], off.kv.v[:, :, chunks])
