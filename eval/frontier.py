@@ -57,8 +57,8 @@ def plot(
     ax = fig.add_subplot()
     lines: dict[str, list[tuple[float, float, str]]] = {}
     for name, (speedup, kl) in frontier.items():
-        spec, _, ratio = name.rpartition("@")
-        lines.setdefault(spec or name, []).append((speedup, kl, ratio))
+        spec, at, ratio = name.rpartition("@")
+        lines.setdefault(spec if at else name, []).append((speedup, kl, ratio if at else ""))
     for spec, pts in lines.items():
         pts.sort()
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=labels.get(spec, spec))
@@ -69,8 +69,9 @@ def plot(
                 )
     for name, kl in floors.items():
         ax.axhline(kl, linestyle="--", color="gray", linewidth=1)
-        ax.annotate(
-            f"full, {name}", (ax.get_xlim()[0], kl), xytext=(2, 2), textcoords="offset points", fontsize=7
+        # x in axes coordinates (the right edge), y at the floor's KL
+        ax.text(
+            0.99, kl, f"full, {name}", transform=ax.get_yaxis_transform(), ha="right", va="bottom", fontsize=7
         )
     ax.set(xlabel="TTFT speedup over full prefill (median per question)", ylabel="first-token KL to full")
     ax.set_yscale("log")
@@ -85,6 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m eval.frontier", description=__doc__.splitlines()[0])
     p.add_argument("report", type=Path, help="an eval.fidelity --out report with a full variant")
     p.add_argument("--floors", type=Path, nargs="*", default=[], help="reports with noise-floor rows")
+    p.add_argument("--show-floors", default="", help="comma-separated floor names to draw (default: all)")
     p.add_argument("--title", default="")
     p.add_argument(
         "--label",
@@ -103,7 +105,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit(f"error: {err}") from None
     frontier = points(report["records"])
     labels = dict(label.rpartition("=")[::2] for label in args.label)
-    plot(frontier, floor_levels([report, *extra]), args.title, args.out, labels)
+    floors = floor_levels([report, *extra])
+    if args.show_floors:
+        floors = {name: kl for name, kl in floors.items() if name in args.show_floors.split(",")}
+    plot(frontier, floors, args.title, args.out, labels)
     for name, (speedup, kl) in frontier.items():
         print(f"{name:<40} {speedup:5.2f}x  KL {kl:.4f}")
     return 0
