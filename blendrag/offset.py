@@ -40,7 +40,9 @@ class OffsetCorrection:
         self.cos, self.sin = rotary.cos_sin(torch.arange(kv.length, device=device), torch.float32)
         self.scaling = rotary.scaling
 
-    def __call__(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: KVBuffer):
+    def __call__(
+        self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: KVBuffer
+    ) -> None:
         span = self.span_of[positions]
         probe = span >= 0
         if not bool(probe.any()):
