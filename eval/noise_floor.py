@@ -111,7 +111,8 @@ class Floor:
 
 def _rounded_copy(model: Transformer, dtype: torch.dtype) -> Transformer:
     """A copy of ``model`` whose weights are rounded to ``dtype``, kept in their own dtype."""
-    copy = Transformer(model.args).to(next(model.parameters()).device)
+    weight = next(model.parameters())
+    copy = Transformer(model.args).to(device=weight.device, dtype=weight.dtype)
     state = {name: t.to(dtype).to(t.dtype) for name, t in model.state_dict().items()}
     copy.load_state_dict(state)
     return copy.eval()
