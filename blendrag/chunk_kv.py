@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -42,10 +42,6 @@ class ChunkKVCache:
     def context_ids(self) -> list[int]:
         """The context every chunk is computed after."""
         return self.prompt_format.prefix_ids if self.chunk_context == "prefix" else []
-
-    def with_store(self, store: KVStore) -> ChunkKVCache:
-        """The same keys and computation over another store (a tenant's namespace)."""
-        return replace(self, store=store)
 
     def segment_format(self, context: list[int], ids: list[int]) -> KVFormat:
         # The system prompt is one segment that every prompt reads as its first tokens (the

@@ -5,6 +5,7 @@ The connector inside a real vLLM is ``tests/test_vllm.py``."""
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -113,7 +114,7 @@ def test_a_waiting_request_is_matched_once_until_it_finishes(scheduler, indexer,
     blend = blend_request(indexer.prompt_format, CHUNKS, QUESTION)
     request, n = fake_request("r1", blend), len(blend.prompt_token_ids)
     store = CountingStore(scheduler.store)
-    scheduler.chunk_kv = scheduler.chunk_kv.with_store(store)
+    scheduler.chunk_kv = replace(scheduler.chunk_kv, store=store)
     builds = count_builds(scheduler, monkeypatch)
     assert scheduler.get_num_new_matched_tokens(request, 0) == (n - 1, False)
     assert (store.lookups, len(builds)) == (len(CHUNKS), 1)
@@ -133,7 +134,7 @@ def test_a_miss_is_remembered_too_and_counted(scheduler, indexer, monkeypatch):
     blend = blend_request(indexer.prompt_format, ["Not in the store."], QUESTION)
     request = fake_request("r2", blend)
     store = CountingStore(scheduler.store)
-    scheduler.chunk_kv = scheduler.chunk_kv.with_store(store)
+    scheduler.chunk_kv = replace(scheduler.chunk_kv, store=store)
     assert scheduler.get_num_new_matched_tokens(request, 0) == (0, False)
     assert scheduler.get_num_new_matched_tokens(request, 0) == (0, False)
     assert store.lookups == 1
