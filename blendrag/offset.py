@@ -39,30 +39,45 @@ class OffsetCorrection:
             self.span_of[start + 1 : start + length] = i
         self.cos, self.sin = rotary.cos_sin(torch.arange(kv.length, device=device), torch.float32)
         self.scaling = rotary.scaling
+        self._positions: torch.Tensor | None = None  # the active positions _cached is for
+        self._cached: tuple[torch.Tensor, ...] | None = None
 
     def __call__(
         self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: KVBuffer
     ) -> None:
-        span = self.span_of[positions]
-        probe = span >= 0
-        if not bool(probe.any()):
+        layout = self._layout(positions)
+        if layout is None:
             return
-        probes, span = positions[probe], span[probe]
-        cos, sin = self.cos[probes], self.sin[probes]
+        probe, probes, span, targets, target_span = layout
         # Residuals [Hkv, n_probes, D]; keys un-rotated (rotation by -angle) to a common frame.
-        res_k = unrotate(k[:, probe].float() - kv.k[layer][:, probes].float(), cos, sin, self.scaling)
+        res_k = k[:, probe].float() - kv.k[layer][:, probes].float()
+        res_k = unrotate(res_k, self.cos[probes], self.sin[probes], self.scaling)
         res_v = v[:, probe].float() - kv.v[layer][:, probes].float()
         shift_k, shift_v = self._span_means(res_k, span), self._span_means(res_v, span)
-        targets = self.span_of.clone()
-        targets[positions] = -1  # what is recomputed here gets fresh K/V instead
-        targets = (targets >= 0).nonzero().flatten()
-        if targets.numel() == 0:
-            return
-        target_span = self.span_of[targets]
         add_k = rotate(shift_k[:, target_span], self.cos[targets], self.sin[targets])
         add_v = shift_v[:, target_span]
         kv.k[layer].index_add_(1, targets, add_k.to(kv.k.dtype), alpha=self.weight)
         kv.v[layer].index_add_(1, targets, add_v.to(kv.v.dtype), alpha=self.weight)
+
+    def _layout(self, positions: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+        """Which active rows are probes, their positions and spans, and the positions (and spans)
+        to correct; None when nothing is to be done. The active set changes only at a filter
+        layer, so the layout of the last ``positions`` tensor seen is kept."""
+        if positions is not self._positions:
+            self._positions, self._cached = positions, self._compute_layout(positions)
+        return self._cached
+
+    def _compute_layout(self, positions: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+        span = self.span_of[positions]
+        probe = span >= 0
+        if not bool(probe.any()):
+            return None
+        targets = self.span_of.clone()
+        targets[positions] = -1  # what is recomputed here gets fresh K/V instead
+        targets = (targets >= 0).nonzero().flatten()
+        if targets.numel() == 0:
+            return None
+        return probe, positions[probe], span[probe], targets, self.span_of[targets]
 
     def _span_means(self, residuals: torch.Tensor, span: torch.Tensor) -> torch.Tensor:
         """Mean residual of each span's probes, ``[Hkv, n_spans, D]`` (zero for a span without)."""
