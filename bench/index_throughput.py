@@ -7,7 +7,8 @@ The passages (title + text, the 10 ctxs of each question in order) are written t
 ``.jsonl`` file and indexed with ``build_index`` into a temporary index directory, KV on disk
 beside it. Reported: chunks/s and tokens/s of the whole build and of its KV part (the engine's
 ``precompute``, store writes included), against the raw prefill throughput of the same model on
-the same tokens (a transformers forward, SDPA, fp32, of each distinct chunk alone); KV bytes per
+the same tokens (a transformers forward, SDPA, fp32, of each distinct chunk alone, or of an evenly
+spaced ``--raw-sample`` of them: the rate is per token, the sample halves a large run); KV bytes per
 token on disk; and per query the latency split into retrieval, KV load (``store.get`` of the
 retrieved chunks, from disk into the memory tier of a fresh store), blend (``engine.prefill``
 with that KV in memory) and first token (sampling and detokenizing it). With ``--resume``, the
@@ -197,6 +198,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--kv-format", default=DEFAULT_FORMAT, help="how chunk KV is stored (default: %(default)s)"
     )
+    p.add_argument(
+        "--raw-sample",
+        type=int,
+        default=0,
+        help="raw prefill of about this many distinct chunks, evenly spaced (default: all)",
+    )
     p.add_argument("--resume", action="store_true", help="also time resuming a killed build")
     p.add_argument(
         "--workdir", type=Path, default=None, help="keep the index here (default: a temp dir, removed)"
@@ -229,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
         # Identical passages share one KV entry: the KV part computes each distinct chunk once.
         build["kv_chunks_per_s"] = len(chunks) / build["kv_s"]
         build["kv_tokens_per_s"] = distinct_tokens / build["kv_s"]
-        raw = raw_prefill(engine.model_path, engine, [t for t, _ in chunks])
+        step = max(1, len(chunks) // args.raw_sample) if args.raw_sample else 1
+        raw = raw_prefill(engine.model_path, engine, [t for t, _ in chunks[::step]])
         questions = [it["question"] for it in items[: args.queries]]
         queries = measure_queries(
             index_dir, args.model, questions, items[args.queries]["question"], args.top_k, args.kv_format
