@@ -68,7 +68,12 @@ class KVBuffer:
         its keys and record it, all enqueued on the transfer's stream. An asynchronous transfer
         reads host memory after the copy is issued, so each source is first staged in pinned
         memory (one that is pinned already is read where it is): a ring of ``STAGING_SLOTS``
-        layers, slot i % STAGING_SLOTS reused only once the copies that last read it are done."""
+        layers, slot i % STAGING_SLOTS reused only once the copies that last read it are done.
+
+        The loader holds the buffer's tensors, not the buffer: the buffer holds the loader (through
+        its prefetcher), and a cycle would keep every request's KV alive until Python's garbage
+        collector ran."""
+        keys, values = self.k, self.v
         ring: list[list[torch.Tensor]] = []
         if transfer.asynchronous:
             _, n_kv_heads, _, head_dim = self.k.shape
@@ -87,9 +92,9 @@ class KVBuffer:
                     if ring:
                         slot = ring[i % len(ring)][j]
                         k, v = stage(k, slot[0]), stage(v, slot[1])
-                    self.k[i, :, start : start + kv.n_tokens].copy_(k, non_blocking=True)
-                    self.v[i, :, start : start + kv.n_tokens].copy_(v, non_blocking=True)
-                kernels.rope_realign(self.k[i : i + 1], spans, cos, sin)
+                    keys[i, :, start : start + kv.n_tokens].copy_(k, non_blocking=True)
+                    values[i, :, start : start + kv.n_tokens].copy_(v, non_blocking=True)
+                kernels.rope_realign(keys[i : i + 1], spans, cos, sin)
                 transfer.record(i)
 
         return load_layer

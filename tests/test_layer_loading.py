@@ -4,7 +4,9 @@ loader asked of it, and when, so the order the CUDA path depends on is checked w
 
 from __future__ import annotations
 
+import gc
 import time
+import weakref
 from contextlib import contextmanager
 
 import pytest
@@ -205,3 +207,19 @@ def test_load_stall_is_the_time_the_layer_loop_waited_for_the_loader(tiny_engine
     buf = load_all(tiny_engine, segments)
     # Each layer reads three segments at 50 ms: the loop waited for nearly all of it.
     assert 0.9 * 0.15 * args.n_layers < buf.load_stall_s < 0.15 * args.n_layers + 1.0
+
+
+def test_a_background_loaded_buffer_is_freed_when_its_request_drops_it(tiny_engine):
+    """No reference cycle through the loader thread: with the garbage collector off, dropping
+    the prefill frees its buffer at once (a cycle would hold every request's KV, on a GPU too,
+    until Python's collector happened to run)."""
+    assert tiny_engine.prefetch
+    gc.collect()
+    gc.disable()
+    try:
+        pre = tiny_engine.prefill(CHUNKS, QUESTION, mode="blend")
+        buffer = weakref.ref(pre.kv)
+        del pre
+        assert buffer() is None
+    finally:
+        gc.enable()
