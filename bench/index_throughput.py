@@ -72,17 +72,18 @@ def measure_build(corpus: Path, index_dir: Path, engine: BlendEngine) -> dict[st
     }
 
 
-def measure_resume(corpus: Path, index_dir: Path, model: str | None, kv_format: str) -> dict[str, Any]:
-    """Kill a ``blendrag index`` run when half the chunks of ``corpus`` have KV, then resume it."""
+def measure_resume(
+    corpus: Path, index_dir: Path, model: str | None, kv_format: str, n_chunks: int
+) -> dict[str, Any]:
+    """Kill a ``blendrag index`` run once half the ``n_chunks`` chunks of ``corpus`` have KV (the
+    index learns its chunks batch by batch: its own count is not the total until the end), then resume it."""
     cmd = [sys.executable, "-m", "blendrag.cli", "index", str(corpus), "--index-dir", str(index_dir)]
     cmd += ["--kv-format", kv_format, *(["--model", model] if model else [])]
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    total = None
     while proc.poll() is None:
         time.sleep(0.5)
-        total, done = _kv_progress(index_dir)
-        if total and done >= total // 2:
+        if _kv_progress(index_dir)[1] >= n_chunks // 2:
             proc.kill()
             break
     proc.wait()
@@ -243,7 +244,9 @@ def main(argv: list[str] | None = None) -> int:
             index_dir, args.model, questions, items[args.queries]["question"], args.top_k, args.kv_format
         )
         resume = (
-            measure_resume(corpus, workdir / "resumed", args.model, args.kv_format) if args.resume else None
+            measure_resume(corpus, workdir / "resumed", args.model, args.kv_format, build["chunks"])
+            if args.resume
+            else None
         )
     finally:
         if args.workdir is None:
