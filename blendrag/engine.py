@@ -21,7 +21,7 @@ from torch.profiler import record_function
 from .chunk_kv import ChunkContext, ChunkKVCache
 from .config import MODES, BlendConfig, Mode
 from .errors import BlendRAGError, CorruptEntry
-from .forward import Filter, run_layers
+from .forward import Filter, append_tokens, run_layers
 from .kvbuffer import KVBuffer
 from .loading import LoadedModel, blendrag_home, load_model
 from .offset import OffsetCorrection
@@ -346,7 +346,7 @@ class BlendEngine:
         if cfg.offset_weight == 0:
             return None
         spans = [(o, len(c)) for o, c in zip(prompt.chunk_offsets(), prompt.chunks, strict=True)]
-        return OffsetCorrection(spans, cfg.offset_weight, self.rotary, buf)
+        return OffsetCorrection(spans, cfg.offset_weight, self.rotary, buf, cfg.offset_bandwidth)
 
     # ---- decoding ---------------------------------------------------------------------------
 
@@ -417,11 +417,7 @@ class BlendEngine:
 
     def _extend(self, buf: KVBuffer, token_ids: list[int]) -> torch.Tensor:
         """Append ``token_ids`` at the next positions of ``buf``; their next-token logits."""
-        start = buf.length
-        buf.length += len(token_ids)
-        positions = self._arange(start, buf.length)
-        out = run_layers(self.model, self.rotary, buf, self._ids(token_ids), positions)
-        return self.model.logits(out.hidden)
+        return append_tokens(self.model, self.rotary, buf, self._ids(token_ids))
 
 
 def resolve_device(

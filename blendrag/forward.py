@@ -131,3 +131,15 @@ def run_layers(
             h = block.finish(h, a)
     result.hidden = h
     return result
+
+
+def append_tokens(
+    model: Transformer, rotary: Rotary, kv: KVBuffer, token_ids: torch.Tensor, last_row_only: bool = False
+) -> torch.Tensor:
+    """Run ``token_ids`` at the next positions of ``kv`` (its length grows by their number) over
+    what it holds; their next-token logits (the last one's only with ``last_row_only``)."""
+    start = kv.length
+    kv.length += token_ids.numel()
+    positions = torch.arange(start, kv.length, device=token_ids.device)
+    out = run_layers(model, rotary, kv, token_ids, positions, last_row_only=last_row_only)
+    return model.logits(out.hidden)

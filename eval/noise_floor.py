@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from blendrag.engine import BlendEngine
-from blendrag.forward import run_layers
+from blendrag.forward import append_tokens
 from blendrag.kvbuffer import KVBuffer
 from blendrag.model import Transformer
 
@@ -100,13 +100,8 @@ class Floor:
 
     @torch.inference_mode()
     def _forward(self, kv: KVBuffer, token_ids: list[int], last_row_only: bool = False) -> torch.Tensor:
-        start = kv.length
-        kv.length += len(token_ids)
-        device = self.engine.device
-        positions = torch.arange(start, kv.length, device=device)
-        ids = torch.tensor(token_ids, dtype=torch.long, device=device)
-        out = run_layers(self.model, self.engine.rotary, kv, ids, positions, last_row_only=last_row_only)
-        return self.model.logits(out.hidden)
+        ids = torch.tensor(token_ids, dtype=torch.long, device=self.engine.device)
+        return append_tokens(self.model, self.engine.rotary, kv, ids, last_row_only)
 
 
 def _rounded_copy(model: Transformer, dtype: torch.dtype) -> Transformer:
