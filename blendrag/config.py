@@ -37,8 +37,6 @@ class BlendConfig:
     offset_weight: offset correction (``blendrag.offset``): at every layer, this share of the
         mean residual (fresh minus reused K/V) of a chunk's recomputed tokens is added to the
         chunk's other tokens. 0 turns it off (docs/decisions/0012-offset-correction.md).
-    offset_bandwidth: 0: each chunk's mean residual; > 0: each token gets its chunk's probes'
-        residuals weighted by ``exp(-distance / offset_bandwidth)`` (distance in positions).
     """
 
     recompute_ratio: float = 0.15
@@ -48,7 +46,6 @@ class BlendConfig:
     first_k: int = 0
     preview_draft: int = 0
     offset_weight: float = 0.5
-    offset_bandwidth: float = 0.0
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.recompute_ratio <= 1.0:
@@ -57,8 +54,6 @@ class BlendConfig:
             raise ValueError("check_layer, gradual_layers, first_k and preview_draft must be >= 0")
         if not 0.0 <= self.offset_weight <= 1.0:
             raise ValueError(f"offset_weight must be in [0, 1], got {self.offset_weight}")
-        if self.offset_bandwidth < 0:
-            raise ValueError(f"offset_bandwidth must be >= 0, got {self.offset_bandwidth}")
         if self.selector not in SELECTORS:
             raise ValueError(f"selector must be one of {SELECTORS}, got {self.selector!r}")
         if self.selector in ("deviation", "attention_deviation") and self.check_layer < 1:

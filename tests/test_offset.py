@@ -68,41 +68,6 @@ def test_each_chunk_gets_the_mean_residual_of_its_probes(rope):
     assert torch.equal(kv.v[0][:, untouched], before_v[0][:, untouched])
 
 
-def test_with_a_bandwidth_each_token_weights_its_chunks_probes_by_distance():
-    """Probes 6 and 9 in chunk 0, 14 in chunk 1: a token of chunk 0 at position t gets the
-    residuals of 6 and 9 weighted by exp(-|t - p| / bandwidth) (normalized), one of chunk 1 the
-    residual of 14; a huge bandwidth is the chunk's mean again."""
-    rotary, bandwidth = rotary_of(ROTARIES["default"]), 2.0
-    probes = torch.tensor([6, 9, 14, 20])
-    cos, sin = rotary.cos_sin(torch.arange(LENGTH), torch.float32)
-    res_k, res_v = torch.randn(HEADS, 4, DIM), torch.randn(HEADS, 4, DIM)
-
-    def corrected(bandwidth: float) -> tuple[KVBuffer, KVBuffer]:
-        kv = buffer()
-        fresh_k = kv.k[0][:, probes] + rotate(res_k, cos[probes], sin[probes])
-        fresh_v = kv.v[0][:, probes] + res_v
-        OffsetCorrection(SPANS, 1.0, rotary, kv, bandwidth)(0, probes, fresh_k, fresh_v, kv)
-        return kv
-
-    before, kv = buffer(), corrected(bandwidth)
-    for t, (cols, ps) in {
-        5: ([0, 1], [6, 9]),
-        8: ([0, 1], [6, 9]),
-        11: ([0, 1], [6, 9]),
-        16: ([2], [14]),
-    }.items():
-        w = torch.exp(-(torch.tensor(ps) - t).abs() / bandwidth)
-        w = w / w.sum()
-        shift_v = (w[None, :, None] * res_v[:, cols]).sum(1)
-        shift_k = (w[None, :, None] * res_k[:, cols]).sum(1, keepdim=True)
-        torch.testing.assert_close(kv.v[0][:, t], before.v[0][:, t] + shift_v)
-        expected_k = before.k[0][:, t : t + 1] + rotate(shift_k, cos[t : t + 1], sin[t : t + 1])
-        torch.testing.assert_close(kv.k[0][:, t : t + 1], expected_k)
-    flat = corrected(1e9)
-    torch.testing.assert_close(flat.v[0][:, 5], before.v[0][:, 5] + res_v[:, :2].mean(1))
-    torch.testing.assert_close(flat.v[0][:, 16], before.v[0][:, 16] + res_v[:, 2])
-
-
 def test_no_probe_in_any_chunk_changes_nothing():
     rotary, kv = rotary_of(ROTARIES["default"]), buffer()
     before_k, before_v = kv.k.clone(), kv.v.clone()
