@@ -346,7 +346,7 @@ class BlendEngine:
         if cfg.offset_weight == 0:
             return None
         spans = [(o, len(c)) for o, c in zip(prompt.chunk_offsets(), prompt.chunks, strict=True)]
-        return OffsetCorrection(spans, cfg.offset_weight, self.rotary, buf, cfg.offset_bandwidth)
+        return OffsetCorrection(spans, cfg.offset_weight, self.rotary, buf)
 
     # ---- decoding ---------------------------------------------------------------------------
 
