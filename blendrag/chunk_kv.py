@@ -43,10 +43,15 @@ class ChunkKVCache:
         """The context every chunk is computed after."""
         return self.prompt_format.prefix_ids if self.chunk_context == "prefix" else []
 
+    def is_prefix(self, context: list[int], ids: list[int]) -> bool:
+        """Whether the segment is the prompt prefix (the system prompt), which every prompt
+        reads as its first tokens, rather than a chunk."""
+        return not context and ids == self.prompt_format.prefix_ids
+
     def segment_format(self, context: list[int], ids: list[int]) -> KVFormat:
-        # The system prompt is one segment that every prompt reads as its first tokens (the
-        # attention sink every later token attends to): it costs almost nothing kept lossless.
-        if not context and ids == self.prompt_format.prefix_ids:
+        # The prefix is the attention sink every later token attends to: it costs almost nothing
+        # kept lossless.
+        if self.is_prefix(context, ids):
             return LOSSLESS_FORMAT
         return self.kv_format
 

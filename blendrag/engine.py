@@ -11,13 +11,16 @@ context as a full prefill) but leaves blend further from full prefill
 from __future__ import annotations
 
 import copy
+import hashlib
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import torch
 from torch.profiler import record_function
 
+from .adapter import ReuseAdapter
 from .chunk_kv import ChunkContext, ChunkKVCache
 from .config import MODES, BlendConfig, Mode
 from .errors import BlendRAGError, CorruptEntry
@@ -99,10 +102,14 @@ class BlendEngine:
         prefetch: bool = True,
         max_question_chars: int = MAX_QUESTION_CHARS,
         kv_format: str = DEFAULT_FORMAT,
+        adapter: ReuseAdapter | None = None,
     ) -> None:
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
-        self.fingerprint = loaded.fingerprint
+        self.model_fingerprint = loaded.fingerprint  # the weights alone: what full prefill depends on
+        self.adapter = _attach_adapter(adapter, loaded.model, chunk_context)
+        # What chunk KV depends on, and what keys it: the weights and the adapter.
+        self.fingerprint = adapted_fingerprint(loaded.fingerprint, self.adapter)
         self.model_path = loaded.path
         self.config = config or BlendConfig()
         self.prompt_format = prompt_format or PromptFormat(self.tokenizer)
@@ -137,6 +144,7 @@ class BlendEngine:
         prefetch: bool = True,
         max_question_chars: int = MAX_QUESTION_CHARS,
         kv_format: str = DEFAULT_FORMAT,
+        adapter: ReuseAdapter | str | Path | None = None,
     ) -> BlendEngine:
         """Load a Llama-family checkpoint (default: the embedded SmolLM2-135M-Instruct).
 
@@ -146,7 +154,9 @@ class BlendEngine:
         store (host memory, disk or Redis) and is copied to the device per request.
         ``max_question_chars``: the longest question a prompt may hold (``limits``, which every
         front end's request is checked against). ``kv_format``: how chunk KV is stored
-        (``blendrag.store.formats``: fp32, bf16, fp16, int8, fp8, cachegen)."""
+        (``blendrag.store.formats``: fp32, bf16, fp16, int8, fp8, cachegen). ``adapter``: a
+        ``ReuseAdapter`` or the path of one saved by ``blendrag tune`` (None: chunks are
+        precomputed alone)."""
         if threads is not None:
             torch.set_num_threads(threads)
         if store is None or isinstance(store, str):
@@ -158,8 +168,10 @@ class BlendEngine:
             raise BlendRAGError(str(err)) from None
         loaded = load_model(path, dtype)
         loaded.model.to(device)
+        if isinstance(adapter, str | Path):
+            adapter = ReuseAdapter.load(adapter)
         pf = prompt_format or PromptFormat(loaded.tokenizer)
-        return cls(loaded, store, config, pf, chunk_context, prefetch, max_question_chars, kv_format)
+        return cls(loaded, store, config, pf, chunk_context, prefetch, max_question_chars, kv_format, adapter)
 
     def _arange(self, start: int, end: int) -> torch.Tensor:
         return torch.arange(start, end, device=self.device)
@@ -171,6 +183,18 @@ class BlendEngine:
 
     @torch.inference_mode()
     def _compute_segment(self, context: list[int], ids: list[int]) -> ChunkKV:
+        if self.adapter is not None and not self.chunk_kv.is_prefix(context, ids):
+            k, v = self.adapter.segment_kv(self.model, self.rotary, self._ids(ids))
+        else:
+            k, v = self._segment_kv(context, ids)
+        # Stored KV lives on the host: the store outlasts any one device buffer. It is quantized
+        # here, once, so every tier holds (and every prompt reads) the same values.
+        fmt = self.chunk_kv.segment_format(context, ids)
+        k, v = fmt.quantize(k.cpu(), v.cpu())
+        return ChunkKV(k, v, fmt.tag)
+
+    def _segment_kv(self, context: list[int], ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The un-rotated K and V ``[n_layers, n_kv_heads, n, head_dim]`` of ``ids`` after ``context``."""
         buf = KVBuffer(self.model.args, len(context) + len(ids), self.dtype, self.device)
         if context:
             buf.load([(0, self.chunk_kv.segments([], [context])[0][0])], self.rotary)
@@ -179,11 +203,7 @@ class BlendEngine:
         out = run_layers(
             self.model, self.rotary, buf, self._ids(ids), positions, capture=True, last_row_only=True
         )
-        # Stored KV lives on the host: the store outlasts any one device buffer. It is quantized
-        # here, once, so every tier holds (and every prompt reads) the same values.
-        fmt = self.chunk_kv.segment_format(context, ids)
-        k, v = fmt.quantize(torch.stack(out.captured_k).cpu(), torch.stack(out.captured_v).cpu())
-        return ChunkKV(k, v, fmt.tag)
+        return torch.stack(out.captured_k), torch.stack(out.captured_v)
 
     def precompute(self, texts: list[str]) -> int:
         """Compute and store the KV of every chunk not yet in the store; returns how many."""
@@ -205,6 +225,15 @@ class BlendEngine:
         """This engine (the same model, weights and settings) over another KV store."""
         view = copy.copy(self)
         view.chunk_kv = replace(self.chunk_kv, store=store, compute=view._compute_segment)
+        return view
+
+    def with_adapter(self, adapter: ReuseAdapter | None) -> BlendEngine:
+        """This engine (the same model, store and settings) with chunks precomputed after
+        ``adapter`` (None: alone); its chunk KV is keyed apart from this engine's."""
+        view = copy.copy(self)
+        view.adapter = _attach_adapter(adapter, self.model, self.chunk_context)
+        view.fingerprint = adapted_fingerprint(self.model_fingerprint, view.adapter)
+        view.chunk_kv = replace(self.chunk_kv, fingerprint=view.fingerprint, compute=view._compute_segment)
         return view
 
     # ---- prefill ----------------------------------------------------------------------------
@@ -307,16 +336,18 @@ class BlendEngine:
             return PrefillPlan(self._arange(segments[-1][0] + segments[-1][1].n_tokens, n)), hits, misses
         if mode == "reuse":
             return PrefillPlan(self._arange(prompt.suffix_start, n)), hits, misses
-        return self._blend_plan(cfg, prompt, exact_first, buf, scores), hits, misses
+        return self.blend_plan(cfg, prompt, buf, exact_first, scores), hits, misses
 
-    def _blend_plan(
+    def blend_plan(
         self,
         cfg: BlendConfig,
         prompt: RAGPrompt,
-        exact_first: bool,
         buf: KVBuffer,
-        scores: torch.Tensor | None,
+        exact_first: bool = False,
+        scores: torch.Tensor | None = None,
     ) -> PrefillPlan:
+        """Which tokens ``blend`` recomputes over the reused KV in ``buf``, and how it corrects
+        the others (``blendrag tune`` plans its training passes with it too)."""
         # An exact first chunk needs no recompute at all: it starts after the same prefix.
         skip = len(prompt.chunks[0]) if exact_first and prompt.chunks else 0
         positions = self._arange(len(prompt.prefix) + skip, len(prompt.ids))
@@ -418,6 +449,27 @@ class BlendEngine:
     def _extend(self, buf: KVBuffer, token_ids: list[int]) -> torch.Tensor:
         """Append ``token_ids`` at the next positions of ``buf``; their next-token logits."""
         return append_tokens(self.model, self.rotary, buf, self._ids(token_ids))
+
+
+def adapted_fingerprint(fingerprint: str, adapter: ReuseAdapter | None) -> str:
+    """The model's fingerprint, with the adapter's digest hashed in when there is one."""
+    if adapter is None:
+        return fingerprint
+    return hashlib.sha256(f"{fingerprint}|adapter={adapter.digest()}".encode()).hexdigest()[:32]
+
+
+def _attach_adapter(
+    adapter: ReuseAdapter | None, model: torch.nn.Module, chunk_context: ChunkContext
+) -> ReuseAdapter | None:
+    if adapter is None:
+        return None
+    if chunk_context != "none":
+        raise BlendRAGError(
+            "a reuse adapter is the context chunks are precomputed after: it needs chunk_context='none'"
+        )
+    adapter.check_model(model)
+    weight = next(model.parameters())
+    return adapter.to(weight.device)
 
 
 def resolve_device(

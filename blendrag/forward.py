@@ -86,14 +86,16 @@ def run_layers(
     attention: Attention | None = None,
     last_row_only: bool = False,
     correction: Correction | None = None,
+    embeds: torch.Tensor | None = None,
 ) -> LayerLoopResult:
     """Run all layers for ``token_ids`` at sorted ``positions`` (all < ``kv.length``).
 
     ``last_row_only``: the final layer writes every row's K/V but finishes (attention, MLP) the
     last row only, for callers that read only the last token's output (a prefill's logits): the
-    other rows' final outputs feed nothing, and skipping them saves 1/n_layers of the work."""
+    other rows' final outputs feed nothing, and skipping them saves 1/n_layers of the work.
+    ``embeds``: the input rows, instead of ``token_ids``' embeddings (an adapter's header)."""
     filters = filters or {}
-    h = model.embed_tokens(token_ids)
+    h = model.embed_tokens(token_ids) if embeds is None else embeds
     cos, sin = rotary.cos_sin(positions, h.dtype)
     mask = causal_mask(positions, kv.length)
     result = LayerLoopResult(h, [], positions)

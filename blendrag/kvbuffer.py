@@ -9,7 +9,7 @@ import torch
 from . import kernels
 from .model import ModelArgs
 from .prefetch import LayerPrefetcher
-from .rope import Rotary
+from .rope import Rotary, rotate
 from .store.base import LayeredKV
 from .transfer import HostTransfer, Transfer, transfer_for
 
@@ -122,3 +122,42 @@ class KVBuffer:
 
     def values(self, layer: int) -> torch.Tensor:
         return self.v[layer, :, : self.length]
+
+
+class LayerListKV:
+    """A ``KVBuffer`` whose layers are separate tensors, for layer loops that autograd
+    differentiates (``blendrag.tune``, and the adapter's chunk prefill that it trains through).
+    Every layer of one 4-D tensor shares one version counter, so a write at layer i + 1 would
+    invalidate what layer i's attention saved for the backward pass; here writes replace a
+    layer's tensor instead of changing it in place. Same interface as ``KVBuffer`` for
+    ``run_layers``, ``append_tokens`` and the offset correction."""
+
+    def __init__(
+        self, args: ModelArgs, capacity: int, dtype: torch.dtype, device: torch.device | str = "cpu"
+    ) -> None:
+        shape = (args.n_kv_heads, capacity, args.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.n_layers)]
+        self.length = 0
+
+    def load(self, segments: list[tuple[int, LayeredKV]], rotary: Rotary) -> None:
+        """``KVBuffer.load`` in the foreground, differentiable with respect to the segments."""
+        for i in range(len(self.k)):
+            for start, kv in segments:
+                k, v = kv.layer(i)
+                positions = torch.arange(start, start + kv.n_tokens, device=self.k[i].device)
+                cos, sin = rotary.cos_sin(positions, self.k[i].dtype)
+                self.write(i, positions, rotate(k.to(self.k[i].dtype), cos, sin), v.to(self.v[i].dtype))
+
+    def wait(self, layer: int) -> None:
+        pass
+
+    def write(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.k[layer] = self.k[layer].index_copy(1, positions, k)
+        self.v[layer] = self.v[layer].index_copy(1, positions, v)
+
+    def keys(self, layer: int) -> torch.Tensor:
+        return self.k[layer][:, : self.length]
+
+    def values(self, layer: int) -> torch.Tensor:
+        return self.v[layer][:, : self.length]

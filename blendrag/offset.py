@@ -28,7 +28,7 @@ class OffsetCorrection:
 
     def __init__(self, spans: Sequence[tuple[int, int]], weight: float, rotary: Rotary, kv: KVBuffer) -> None:
         """``spans``: (start, length) of each reused chunk that may be corrected."""
-        device = kv.k.device
+        device = kv.k[0].device
         self.weight = weight
         self.n_spans = len(spans)
         # span_of[p]: the span holding position p, or -1 (prefix, question, answer). A chunk's
@@ -56,8 +56,8 @@ class OffsetCorrection:
         shift_k, shift_v = self._span_means(res_k, span), self._span_means(res_v, span)
         add_k = rotate(shift_k[:, target_span], self.cos[targets], self.sin[targets])
         add_v = shift_v[:, target_span]
-        kv.k[layer].index_add_(1, targets, add_k.to(kv.k.dtype), alpha=self.weight)
-        kv.v[layer].index_add_(1, targets, add_v.to(kv.v.dtype), alpha=self.weight)
+        kv.k[layer].index_add_(1, targets, add_k.to(kv.k[layer].dtype), alpha=self.weight)
+        kv.v[layer].index_add_(1, targets, add_v.to(kv.v[layer].dtype), alpha=self.weight)
 
     def _layout(self, positions: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
         """Which active rows are probes, their positions and spans, and the positions (and spans)

@@ -1,4 +1,5 @@
-"""The ``blendrag`` command: index documents, answer questions, serve the API, run the demo.
+"""The ``blendrag`` command: index documents, answer questions, serve the API, run the demo,
+train a reuse adapter.
 
 Each subcommand's module builds its parser with argparse alone and imports the engine, torch or
 the retriever only when it runs, so ``--help`` and argument errors answer at once.
@@ -13,7 +14,7 @@ import sys
 
 from blendrag.errors import BlendRAGError
 
-from . import demo, index, query, serve
+from . import demo, index, query, serve, tune
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress and warnings")
     subparsers = parser.add_subparsers(dest="command", required=True)
-    for command in (index, query, serve, demo):
+    for command in (index, query, serve, demo, tune):
         command.register(subparsers)
     return parser
 

@@ -81,6 +81,12 @@ def add_kv_args(parser: argparse.ArgumentParser) -> None:
         help="bound the disk KV store, e.g. 20G; least recently used entries are evicted "
         "(kept with the store; default: the store's budget, none for a new store)",
     )
+    parser.add_argument(
+        "--adapter",
+        type=Path,
+        help="a reuse adapter from `blendrag tune`: chunks are precomputed after it "
+        "(must be the one the index was built with)",
+    )
 
 
 def index_kv_format(index_dir: Path | None) -> str | None:
@@ -106,7 +112,12 @@ def load_engine(
     kv_format = getattr(args, "kv_format", None) or index_kv_format(index_dir)
     store = open_store(kv_store or "memory", disk_max_bytes=getattr(args, "kv_max_bytes", None))
     return BlendEngine.from_pretrained(
-        model, store=store, device=args.device, dtype=args.dtype, kv_format=kv_format or DEFAULT_FORMAT
+        model,
+        store=store,
+        device=args.device,
+        dtype=args.dtype,
+        kv_format=kv_format or DEFAULT_FORMAT,
+        adapter=getattr(args, "adapter", None),
     )
 
 
