@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from blendrag.adapter import ReuseAdapter
 from blendrag.cli.common import add_device_args
 from eval.metrics import kl_divergence
 from eval.noise_floor import FLOORS, Floor, Prefilled
@@ -189,20 +190,27 @@ def evaluate(
     cache: Path,
     floors: Sequence[str] = (),
     with_gold: bool = False,
+    adapted: Backend | None = None,
 ) -> list[dict[str, Any]]:
     """Each item's record: full's answer and every variant's and noise floor's scores (with
-    ``with_gold``, gold F1 of every greedy answer, full's included)."""
+    ``with_gold``, gold F1 of every greedy answer, full's included; with ``adapted``, a backend
+    whose engine has a reuse adapter, every variant but full scored on it too, as
+    ``VARIANT+adapter``)."""
     source = dataset_chunks(top_k)
     engine = backend.engine
     floor_runs = [Floor(engine, name) for name in floors]
+    runs = [(backend, v, v.name) for v in variants]
+    if adapted is not None:
+        runs += [(adapted, v, adapted_name(v)) for v in variants if v.mode != "full"]
     records = []
     for item in tqdm(items, desc="questions", unit="q"):
         chunks, question = source(item), item["question"]
         golds = item["answers"] if with_gold else ()
-        engine.precompute(chunks)
+        for b in {id(b): b for b, _, _ in runs}.values():
+            b.engine.precompute(chunks)
         ref = load_reference(cache, engine, chunks, question, max_new_tokens)
         results = {
-            v.name: score_variant(backend, chunks, question, v, ref, golds, max_new_tokens) for v in variants
+            name: score_variant(b, chunks, question, v, ref, golds, max_new_tokens) for b, v, name in runs
         }
         results |= {
             f: score_floor(r, chunks, question, ref, golds, max_new_tokens)
@@ -217,6 +225,10 @@ def evaluate(
             record["full_f1_gold"] = gold_f1(engine, ref.answer_ids, golds)
         records.append(record)
     return records
+
+
+def adapted_name(variant: Variant) -> str:
+    return f"{variant.name}+adapter"
 
 
 METRICS = (
@@ -295,6 +307,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--gold", action="store_true", help="also decode every variant greedily for gold F1")
     p.add_argument("--chunk-context", default="none", choices=["none", "prefix"])
+    p.add_argument(
+        "--adapter",
+        type=Path,
+        default=None,
+        help="a reuse adapter from `blendrag tune`: every variant but full is also scored over chunk KV "
+        "computed after it (VARIANT+adapter), beside the same variant without",
+    )
     return p.parse_args(argv)
 
 
@@ -310,11 +329,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, OSError) as err:
         raise SystemExit(f"error: {err}") from None
     backend = load_backend(args.model, args.kv_store, args.chunk_context, args.device, args.dtype)
+    adapted = None
+    names = [v.name for v in variants]
+    if args.adapter:
+        adapted = Backend(backend.engine.with_adapter(ReuseAdapter.load(args.adapter)), backend.base_config)
+        names += [adapted_name(v) for v in variants if v.mode != "full"]
     start = time.perf_counter()
     records = evaluate(
-        backend, items, variants, args.top_k, args.max_new_tokens, args.ref_cache, floors, args.gold
+        backend, items, variants, args.top_k, args.max_new_tokens, args.ref_cache, floors, args.gold, adapted
     )
-    summary = summarize_all(records, [v.name for v in variants] + floors)
+    summary = summarize_all(records, names + floors)
     report(args, summary, records)
     print(f"({len(items)} questions, {time.perf_counter() - start:.0f} s)")
     return 0

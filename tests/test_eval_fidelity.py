@@ -125,3 +125,26 @@ def test_unknown_floor_is_one_line(tiny_dirs, tmp_path):
     dataset.write_text(json.dumps(ITEMS))
     with pytest.raises(SystemExit, match="unknown noise floor"):
         fidelity.main(["--dataset", str(dataset), "--floors", "kv=int3"])
+
+
+def test_an_adapter_is_scored_beside_the_same_variant_without(tiny_dirs, tmp_path, capsys):
+    from blendrag.adapter import ReuseAdapter
+
+    dataset, out = tmp_path / "data.json", tmp_path / "fid.json"
+    dataset.write_text(json.dumps(ITEMS))
+    adapter = ReuseAdapter(torch.randn(2, 64, generator=torch.Generator().manual_seed(0)))
+    adapter.save(tmp_path / "a.safetensors", "tiny")
+    argv = [
+        "--dataset",
+        str(dataset),
+        "--variants",
+        "full;preview@0.5;preview@1.0",
+        "--model",
+        str(tiny_dirs["llama"]),
+    ]
+    argv += ["--kv-store", "memory", "--max-new-tokens", "4", "--ref-cache", str(tmp_path / "refs")]
+    assert fidelity.main([*argv, "--adapter", str(tmp_path / "a.safetensors"), "--out", str(out)]) == 0
+    rows = {row["name"]: row for row in json.loads(out.read_text())["summary"]}
+    assert list(rows) == ["full", "preview@0.5", "preview@1.0", "preview@0.5+adapter", "preview@1.0+adapter"]
+    assert rows["preview@1.0+adapter"]["kl_first"] < 1e-6  # every token recomputed: no adapter left
+    assert rows["preview@0.5+adapter"]["kl_first"] != rows["preview@0.5"]["kl_first"]
