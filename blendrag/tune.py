@@ -215,6 +215,7 @@ def tune(
         raise BlendRAGError("tune trains an adapter for the bare model: load the engine without one")
     if not train or not val:
         raise BlendRAGError("tune needs training prompts and at least one validation prompt")
+    began = time.perf_counter()  # the budget counts the first validation too
     out_dir.mkdir(parents=True, exist_ok=True)
     teachers = TeacherCache(engine, out_dir / TEACHER_DIR, settings.answer_tokens)
     state_path = out_dir / STATE_FILE
@@ -238,7 +239,7 @@ def tune(
     optimizer = torch.optim.Adam(adapter.parameters(), lr=settings.lr)
     if "optimizer" in state:
         optimizer.load_state_dict(state["optimizer"])
-    start, losses = time.perf_counter() - state["seconds"], []
+    start, losses = began - state["seconds"], []
 
     def checkpoint() -> None:
         entry = {
