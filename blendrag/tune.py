@@ -25,12 +25,12 @@ import torch
 
 from .adapter import ReuseAdapter
 from .config import BlendConfig
-from .engine import BlendEngine
+from .engine import BlendEngine, PrefillPlan
 from .errors import BlendRAGError
 from .forward import append_tokens, run_layers
 from .kvbuffer import KVBuffer, LayerListKV
 from .prompt import RAGPrompt
-from .store.base import ChunkKV
+from .store.base import ChunkKV, LayeredKV
 
 ADAPTER_FILE = "adapter.safetensors"  # the best adapter so far (lowest validation loss)
 STATE_FILE = "state.pt"  # the latest step's adapter, optimizer and history: what --resume reads
@@ -152,19 +152,14 @@ def student_log_probs(
     return torch.cat([first, rest]).log_softmax(-1)
 
 
-def _plan(engine: BlendEngine, prompt: RAGPrompt, segments: list, config: BlendConfig):
-    with torch.no_grad():
-        detached = [(start, ChunkKV(*(t.detach() for t in kv_layers(kv)))) for start, kv in segments]
+def _plan(
+    engine: BlendEngine, prompt: RAGPrompt, segments: list[tuple[int, LayeredKV]], config: BlendConfig
+) -> PrefillPlan:
+    with torch.no_grad():  # the copy into the planning buffer records no graph
         buf = KVBuffer(engine.model.args, len(prompt.ids) + config.preview_draft, engine.dtype, engine.device)
         buf.length = len(prompt.ids)
-        buf.load(detached, engine.rotary)
+        buf.load(segments, engine.rotary)
         return engine.blend_plan(config, prompt, buf)
-
-
-def kv_layers(kv) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stacked ``[n_layers, ...]`` K and V of any ``LayeredKV``."""
-    layers = [kv.layer(i) for i in range(kv.n_layers)]
-    return torch.stack([k for k, _ in layers]), torch.stack([v for _, v in layers])
 
 
 def _ids(ids: list[int], device: torch.device) -> torch.Tensor:
