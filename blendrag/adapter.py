@@ -30,6 +30,10 @@ from .model import Transformer
 from .rope import Rotary
 
 TENSOR_NAME = "header"
+# Shipped with the package: the adapter `blendrag tune` trained for the bundled model
+# (docs/decisions/0013-reuse-adapter.md); ``adapter="bundled"`` names it.
+BUNDLED = "bundled"
+BUNDLED_PATH = Path(__file__).parent / "adapters" / "SmolLM2-135M-Instruct.safetensors"
 
 
 class ReuseAdapter(nn.Module):
@@ -90,6 +94,9 @@ class ReuseAdapter(nn.Module):
 
     @classmethod
     def load(cls, path: str | Path) -> ReuseAdapter:
+        """An adapter file ``blendrag tune`` wrote, or ``"bundled"``: the one for the bundled model."""
+        if str(path) == BUNDLED:
+            path = BUNDLED_PATH
         try:
             tensors = load_file(str(path))
         except (OSError, SafetensorError) as err:

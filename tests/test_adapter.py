@@ -201,3 +201,10 @@ def test_an_index_built_with_an_adapter_is_queried_with_it(engine, tiny_dirs, tm
     assert cli_main(query) == 2  # without the adapter the index's KV is not this engine's
     err = capsys.readouterr().err.strip()
     assert err.startswith("blendrag: error:") and err.count("\n") == 0
+
+
+def test_the_bundled_adapter_ships_for_the_bundled_model_only(make):
+    bundled = ReuseAdapter.load("bundled")
+    assert bundled.n_tokens == 4 and bundled.header.shape[1] == 576  # SmolLM2-135M's width
+    with pytest.raises(BlendRAGError, match="another model"):
+        make(adapter="bundled")

@@ -83,9 +83,8 @@ def add_kv_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--adapter",
-        type=Path,
-        help="a reuse adapter from `blendrag tune`: chunks are precomputed after it "
-        "(must be the one the index was built with)",
+        help="a reuse adapter from `blendrag tune`, or 'bundled' (the bundled model's): chunks are "
+        "precomputed after it (must be the one the index was built with)",
     )
 
 
