@@ -195,7 +195,7 @@ def evaluate(
     """Each item's record: full's answer and every variant's and noise floor's scores (with
     ``with_gold``, gold F1 of every greedy answer, full's included; with ``adapted``, a backend
     whose engine has a reuse adapter, every variant but full scored on it too, as
-    ``VARIANT+adapter``)."""
+    ``SPEC+adapter@RATIO``)."""
     source = dataset_chunks(top_k)
     engine = backend.engine
     floor_runs = [Floor(engine, name) for name in floors]
@@ -228,7 +228,10 @@ def evaluate(
 
 
 def adapted_name(variant: Variant) -> str:
-    return f"{variant.name}+adapter"
+    """``SPEC+adapter@RATIO`` (``reuse+adapter``): the ratio stays last, where ``eval.frontier``
+    reads it."""
+    spec, at, ratio = variant.name.rpartition("@")
+    return f"{spec}+adapter@{ratio}" if at else f"{variant.name}+adapter"
 
 
 METRICS = (
@@ -312,7 +315,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         type=Path,
         default=None,
         help="a reuse adapter from `blendrag tune`: every variant but full is also scored over chunk KV "
-        "computed after it (VARIANT+adapter), beside the same variant without",
+        "computed after it (SPEC+adapter@RATIO), beside the same variant without",
     )
     return p.parse_args(argv)
 

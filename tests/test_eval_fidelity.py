@@ -145,6 +145,6 @@ def test_an_adapter_is_scored_beside_the_same_variant_without(tiny_dirs, tmp_pat
     argv += ["--kv-store", "memory", "--max-new-tokens", "4", "--ref-cache", str(tmp_path / "refs")]
     assert fidelity.main([*argv, "--adapter", str(tmp_path / "a.safetensors"), "--out", str(out)]) == 0
     rows = {row["name"]: row for row in json.loads(out.read_text())["summary"]}
-    assert list(rows) == ["full", "preview@0.5", "preview@1.0", "preview@0.5+adapter", "preview@1.0+adapter"]
-    assert rows["preview@1.0+adapter"]["kl_first"] < 1e-6  # every token recomputed: no adapter left
-    assert rows["preview@0.5+adapter"]["kl_first"] != rows["preview@0.5"]["kl_first"]
+    assert list(rows) == ["full", "preview@0.5", "preview@1.0", "preview+adapter@0.5", "preview+adapter@1.0"]
+    assert rows["preview+adapter@1.0"]["kl_first"] < 1e-6  # every token recomputed: no adapter left
+    assert rows["preview+adapter@0.5"]["kl_first"] != rows["preview@0.5"]["kl_first"]
