@@ -90,6 +90,7 @@ class ReuseAdapter(nn.Module):
         tmp = path.with_suffix(path.suffix + ".tmp")
         metadata = {"format": "blendrag-reuse-adapter", "trained_for": model_fingerprint}
         save_file({TENSOR_NAME: self.header.detach().float().cpu().contiguous()}, str(tmp), metadata)
+        tmp.chmod(0o644)  # safetensors writes 0o600; an adapter is meant to be shared like a model
         tmp.replace(path)
 
     @classmethod
