@@ -50,6 +50,7 @@ class DiskStore(KVStore):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
+        self._evicting = threading.Lock()
         self._reading: Counter[str] = Counter()  # keys this process has open for a layered read
         self._recency = Recency(self.root / _RECENCY_DB)
         self._recency.reconcile(self._scan())
@@ -132,19 +133,23 @@ class DiskStore(KVStore):
     def _evict_over_budget(self) -> None:
         if self.max_bytes is None:
             return
-        over = self._recency.total_bytes() - self.max_bytes
-        while over > 0:
-            with self._lock:
-                reading = set(self._reading)
-            batch = [(k, size) for k, size in self._recency.oldest(len(reading) + 64) if k not in reading]
-            if not batch:
-                return  # everything left is being read: over budget until those reads end
-            for key, size in batch:
-                self.delete(key)
-                self._count("evictions")
-                over -= size
-                if over <= 0:
-                    return
+        # One eviction at a time, each measuring the excess when it starts: two writers that each
+        # measured it before the other evicted would both evict for it, and leave the store emptier
+        # than its budget needs.
+        with self._evicting:
+            over = self._recency.total_bytes() - self.max_bytes
+            while over > 0:
+                with self._lock:
+                    reading = set(self._reading)
+                batch = [(k, size) for k, size in self._recency.oldest(len(reading) + 64) if k not in reading]
+                if not batch:
+                    return  # everything left is being read: over budget until those reads end
+                for key, size in batch:
+                    self.delete(key)
+                    self._count("evictions")
+                    over -= size
+                    if over <= 0:
+                        return
 
     def contains(self, key: str) -> bool:
         return self.path(key).exists()
