@@ -142,12 +142,15 @@ class LayerListKV:
 
     def load(self, segments: list[tuple[int, LayeredKV]], rotary: Rotary) -> None:
         """``KVBuffer.load`` in the foreground, differentiable with respect to the segments."""
+        dtype, device = self.k[0].dtype, self.k[0].device
+        placed = []  # each segment's positions and rotation tables, the same at every layer
+        for start, kv in segments:
+            positions = torch.arange(start, start + kv.n_tokens, device=device)
+            placed.append((kv, positions, *rotary.cos_sin(positions, dtype)))
         for i in range(len(self.k)):
-            for start, kv in segments:
+            for kv, positions, cos, sin in placed:
                 k, v = kv.layer(i)
-                positions = torch.arange(start, start + kv.n_tokens, device=self.k[i].device)
-                cos, sin = rotary.cos_sin(positions, self.k[i].dtype)
-                self.write(i, positions, rotate(k.to(self.k[i].dtype), cos, sin), v.to(self.v[i].dtype))
+                self.write(i, positions, rotate(k.to(dtype), cos, sin), v.to(dtype))
 
     def wait(self, layer: int) -> None:
         pass

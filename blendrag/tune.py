@@ -114,9 +114,7 @@ class TeacherCache:
             return Teacher(**torch.load(path))
         teacher = compute_teacher(self.engine, example, self.answer_tokens)
         self.directory.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save(teacher.__dict__, tmp)
-        tmp.replace(path)
+        _save(path, teacher.__dict__)
         return teacher
 
 
@@ -287,7 +285,8 @@ def _example(train: list[Example], step: int, seed: int) -> Example:
     return train[order[i]]
 
 
-def _save(path: Path, state: dict) -> None:
+def _save(path: Path, obj: dict) -> None:
+    """``torch.save``, atomically: a killed run leaves the previous file or none."""
     tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
+    torch.save(obj, tmp)
     tmp.replace(path)

@@ -199,14 +199,12 @@ def evaluate(
     source = dataset_chunks(top_k)
     engine = backend.engine
     floor_runs = [Floor(engine, name) for name in floors]
-    runs = [(backend, v, v.name) for v in variants]
-    if adapted is not None:
-        runs += [(adapted, v, adapted_name(v)) for v in variants if v.mode != "full"]
+    runs = scored_runs(backend, variants, adapted)
     records = []
     for item in tqdm(items, desc="questions", unit="q"):
         chunks, question = source(item), item["question"]
         golds = item["answers"] if with_gold else ()
-        for b in {id(b): b for b, _, _ in runs}.values():
+        for b in [backend] if adapted is None else [backend, adapted]:
             b.engine.precompute(chunks)
         ref = load_reference(cache, engine, chunks, question, max_new_tokens)
         results = {
@@ -225,6 +223,17 @@ def evaluate(
             record["full_f1_gold"] = gold_f1(engine, ref.answer_ids, golds)
         records.append(record)
     return records
+
+
+def scored_runs(
+    backend: Backend, variants: Sequence[Variant], adapted: Backend | None
+) -> list[tuple[Backend, Variant, str]]:
+    """(backend, variant, name in the results) of everything ``evaluate`` scores, floors aside:
+    every variant, then with ``adapted`` every variant but full again on it."""
+    runs = [(backend, v, v.name) for v in variants]
+    if adapted is not None:
+        runs += [(adapted, v, adapted_name(v)) for v in variants if v.mode != "full"]
+    return runs
 
 
 def adapted_name(variant: Variant) -> str:
@@ -333,10 +342,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit(f"error: {err}") from None
     backend = load_backend(args.model, args.kv_store, args.chunk_context, args.device, args.dtype)
     adapted = None
-    names = [v.name for v in variants]
     if args.adapter:
         adapted = Backend(backend.engine.with_adapter(ReuseAdapter.load(args.adapter)), backend.base_config)
-        names += [adapted_name(v) for v in variants if v.mode != "full"]
+    names = [name for _, _, name in scored_runs(backend, variants, adapted)]
     start = time.perf_counter()
     records = evaluate(
         backend, items, variants, args.top_k, args.max_new_tokens, args.ref_cache, floors, args.gold, adapted
