@@ -9,8 +9,11 @@ frozen: ``blendrag tune`` (``blendrag.tune``) trains the header by self-distilla
 blending KV computed after it matches full prefill's next-token distributions (KV Packet, arXiv
 2604.13226; KVLink).
 
-The header's bytes are hashed into the engine's fingerprint, so KV computed after one header is
-never read by an engine with another header or none.
+The header's bytes are hashed into the engine's fingerprint (``adapted_fingerprint``), so KV
+computed after one header is never read by an engine with another header or none. An adapter file
+records the model fingerprint it was trained for; ``resolve_adapter`` turns the ``adapter``
+setting of every front end ("auto", "none", "bundled" or a path) into an adapter or None, and
+"auto", the default, takes the bundled adapter for exactly the model it was trained for.
 """
 
 from __future__ import annotations
@@ -19,8 +22,8 @@ import hashlib
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from .errors import BlendRAGError
@@ -34,12 +37,19 @@ TENSOR_NAME = "header"
 # (docs/decisions/0013-reuse-adapter.md); ``adapter="bundled"`` names it.
 BUNDLED = "bundled"
 BUNDLED_PATH = Path(__file__).parent / "adapters" / "SmolLM2-135M-Instruct.safetensors"
+AUTO = "auto"  # the bundled adapter when the model is the one it was trained for, else none
+NONE = "none"
 
 
 class ReuseAdapter(nn.Module):
-    def __init__(self, header: torch.Tensor) -> None:
+    def __init__(
+        self, header: torch.Tensor, trained_for: str | None = None, path: Path | None = None
+    ) -> None:
+        """``trained_for``: the model fingerprint ``blendrag tune`` trained it for; ``path``: the
+        file it was loaded from (what another process, vLLM's, is told to load)."""
         super().__init__()
         self.header = nn.Parameter(header.detach().float().clone())  # [n_tokens, model dim]
+        self.trained_for, self.path = trained_for, path
 
     @classmethod
     def from_token_embeddings(cls, model: Transformer, token_ids: list[int]) -> ReuseAdapter:
@@ -96,12 +106,37 @@ class ReuseAdapter(nn.Module):
     @classmethod
     def load(cls, path: str | Path) -> ReuseAdapter:
         """An adapter file ``blendrag tune`` wrote, or ``"bundled"``: the one for the bundled model."""
-        if str(path) == BUNDLED:
-            path = BUNDLED_PATH
+        path = BUNDLED_PATH if str(path) == BUNDLED else Path(path).resolve()
         try:
-            tensors = load_file(str(path))
+            with safe_open(str(path), "pt") as f:
+                names, metadata = set(f.keys()), f.metadata() or {}
+                header = f.get_tensor(TENSOR_NAME) if names == {TENSOR_NAME} else None
         except (OSError, SafetensorError) as err:
             raise BlendRAGError(f"adapter {path}: {err}") from None
-        if set(tensors) != {TENSOR_NAME} or tensors[TENSOR_NAME].dim() != 2:
+        if header is None or header.dim() != 2:
             raise BlendRAGError(f"adapter {path}: expected one 2-D tensor named {TENSOR_NAME!r}")
-        return cls(tensors[TENSOR_NAME])
+        return cls(header, metadata.get("trained_for"), path)
+
+
+# What ``resolve_adapter`` takes: "auto", "none" (or None), "bundled", a path, or an adapter.
+AdapterSpec = ReuseAdapter | str | Path | None
+
+
+def resolve_adapter(spec: AdapterSpec, model_fingerprint: str, chunk_context: str) -> ReuseAdapter | None:
+    """The adapter a front end's setting names: ``"none"`` or None: none; ``"auto"``: the bundled
+    adapter if it was trained for exactly this model (weights, tokenizer, dtype) and chunks are
+    precomputed alone (``chunk_context="none"``), else none; ``"bundled"``, a path, or an adapter."""
+    if spec is None or spec == NONE:
+        return None
+    if spec == AUTO:
+        bundled = ReuseAdapter.load(BUNDLED)
+        return bundled if chunk_context == "none" and bundled.trained_for == model_fingerprint else None
+    return spec if isinstance(spec, ReuseAdapter) else ReuseAdapter.load(spec)
+
+
+def adapted_fingerprint(model_fingerprint: str, adapter: ReuseAdapter | None) -> str:
+    """What keys chunk KV: the model's fingerprint, with the adapter's digest hashed in when there
+    is one."""
+    if adapter is None:
+        return model_fingerprint
+    return hashlib.sha256(f"{model_fingerprint}|adapter={adapter.digest()}".encode()).hexdigest()[:32]

@@ -11,16 +11,14 @@ context as a full prefill) but leaves blend further from full prefill
 from __future__ import annotations
 
 import copy
-import hashlib
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
 import torch
 from torch.profiler import record_function
 
-from .adapter import ReuseAdapter
+from .adapter import AUTO, AdapterSpec, ReuseAdapter, adapted_fingerprint, resolve_adapter
 from .chunk_kv import ChunkContext, ChunkKVCache
 from .config import MODES, BlendConfig, Mode
 from .errors import BlendRAGError, CorruptEntry
@@ -144,7 +142,7 @@ class BlendEngine:
         prefetch: bool = True,
         max_question_chars: int = MAX_QUESTION_CHARS,
         kv_format: str = DEFAULT_FORMAT,
-        adapter: ReuseAdapter | str | Path | None = None,
+        adapter: AdapterSpec = AUTO,
     ) -> BlendEngine:
         """Load a Llama-family checkpoint (default: the embedded SmolLM2-135M-Instruct).
 
@@ -154,9 +152,10 @@ class BlendEngine:
         store (host memory, disk or Redis) and is copied to the device per request.
         ``max_question_chars``: the longest question a prompt may hold (``limits``, which every
         front end's request is checked against). ``kv_format``: how chunk KV is stored
-        (``blendrag.store.formats``: fp32, bf16, fp16, int8, fp8, cachegen). ``adapter``: a
-        ``ReuseAdapter`` or the path of one saved by ``blendrag tune`` (None: chunks are
-        precomputed alone)."""
+        (``blendrag.store.formats``: fp32, bf16, fp16, int8, fp8, cachegen). ``adapter``: the
+        reuse adapter chunks are precomputed after (``blendrag.adapter.resolve_adapter``):
+        "auto" (the bundled adapter for the bundled model, else none), "none" or None,
+        "bundled", the path of one saved by ``blendrag tune``, or a ``ReuseAdapter``."""
         if threads is not None:
             torch.set_num_threads(threads)
         if store is None or isinstance(store, str):
@@ -168,8 +167,7 @@ class BlendEngine:
             raise BlendRAGError(str(err)) from None
         loaded = load_model(path, dtype)
         loaded.model.to(device)
-        if isinstance(adapter, str | Path):
-            adapter = ReuseAdapter.load(adapter)
+        adapter = resolve_adapter(adapter, loaded.fingerprint, chunk_context)
         pf = prompt_format or PromptFormat(loaded.tokenizer)
         return cls(loaded, store, config, pf, chunk_context, prefetch, max_question_chars, kv_format, adapter)
 
@@ -443,19 +441,25 @@ class BlendEngine:
         from ``pre`` reproduces ``token_ids`` exactly when every row's argmax is the next id."""
         return self._extend(pre.kv, token_ids)
 
+    def greedy_answer(self, pre: Prefill, max_new_tokens: int) -> tuple[list[int], torch.Tensor]:
+        """The greedy continuation of ``pre`` (at most ``max_new_tokens``, ending at an EOS) and
+        the logits each of its tokens was chosen from, ``[len(answer), vocab]``: the targets that
+        ``blendrag tune`` and ``eval.fidelity`` compare blends with."""
+        logits, answer, rows = pre.logits, [], []
+        for _ in range(max_new_tokens):
+            rows.append(logits)
+            answer.append(int(logits.argmax()))
+            if answer[-1] in self.eos_ids:
+                break
+            logits = self.continuation_logits(pre, answer[-1:])[0]
+        return answer, torch.stack(rows)
+
     def _step(self, buf: KVBuffer, token: int) -> torch.Tensor:
         return self._extend(buf, [token])[0]
 
     def _extend(self, buf: KVBuffer, token_ids: list[int]) -> torch.Tensor:
         """Append ``token_ids`` at the next positions of ``buf``; their next-token logits."""
         return append_tokens(self.model, self.rotary, buf, self._ids(token_ids))
-
-
-def adapted_fingerprint(fingerprint: str, adapter: ReuseAdapter | None) -> str:
-    """The model's fingerprint, with the adapter's digest hashed in when there is one."""
-    if adapter is None:
-        return fingerprint
-    return hashlib.sha256(f"{fingerprint}|adapter={adapter.digest()}".encode()).hexdigest()[:32]
 
 
 def _attach_adapter(

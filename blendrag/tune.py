@@ -92,14 +92,8 @@ class Teacher:
 @torch.inference_mode()
 def compute_teacher(engine: BlendEngine, example: Example, answer_tokens: int) -> Teacher:
     pre = engine.prefill(example.chunks, example.question, mode="full", max_new_tokens=answer_tokens)
-    logits, answer, rows = pre.logits, [], []
-    for _ in range(answer_tokens):
-        rows.append(logits.log_softmax(-1))
-        answer.append(int(logits.argmax()))
-        if answer[-1] in engine.eos_ids:
-            break
-        logits = engine.continuation_logits(pre, answer[-1:])[0]
-    return Teacher(answer, torch.stack(rows).cpu())
+    answer, logits = engine.greedy_answer(pre, answer_tokens)
+    return Teacher(answer, logits.log_softmax(-1).cpu())
 
 
 class TeacherCache:
@@ -243,7 +237,7 @@ def tune(
         }
         losses.clear()
         if all(entry["val_loss"] < h["val_loss"] for h in state["history"]):
-            adapter.save(out_dir / ADAPTER_FILE, engine.fingerprint)
+            adapter.save(out_dir / ADAPTER_FILE, engine.model_fingerprint)
         state.update(
             seconds=entry["seconds"], history=[*state["history"], entry], optimizer=optimizer.state_dict()
         )

@@ -72,15 +72,9 @@ def first_line_length(engine: Any, token_ids: list[int]) -> int:
 @torch.inference_mode()
 def compute_reference(engine: Any, chunks: list[str], question: str, max_new_tokens: int) -> Reference:
     pre = engine.prefill(chunks, question, mode="full", max_new_tokens=max_new_tokens)
-    logits, targets, nll, eos = pre.logits, [], [], False
-    for _ in range(max_new_tokens):
-        token = int(logits.argmax())
-        targets.append(token)
-        nll.append(float(-logits.log_softmax(-1)[token]))
-        if token in engine.eos_ids:
-            eos = True
-            break
-        logits = engine.continuation_logits(pre, [token])[0]
+    targets, logits = engine.greedy_answer(pre, max_new_tokens)
+    nll = [float(-row.log_softmax(-1)[token]) for row, token in zip(logits, targets, strict=True)]
+    eos = targets[-1] in engine.eos_ids
     return Reference(targets, eos, pre.logits, nll, first_line_length(engine, targets))
 
 

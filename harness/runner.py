@@ -55,8 +55,9 @@ def load_backend(
     # Imported here so that the harness (and its tests) load without the engine's heavy imports.
     from blendrag import BlendConfig, BlendEngine
 
+    # No reuse adapter: a screen scores one explicitly, beside the bare engine (eval.fidelity --adapter).
     engine = BlendEngine.from_pretrained(
-        path=model, store=kv_store, chunk_context=chunk_context, device=device, dtype=dtype
+        path=model, store=kv_store, chunk_context=chunk_context, device=device, dtype=dtype, adapter=None
     )
     return Backend(engine, BlendConfig())
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from blendrag import BlendConfig, BlendEngine
-from blendrag.adapter import ReuseAdapter
+from blendrag.adapter import ReuseAdapter, resolve_adapter
 from blendrag.cli import main as cli_main
 from blendrag.errors import BlendRAGError
 from blendrag.store import MemoryStore
@@ -106,6 +106,7 @@ def test_an_adapter_round_trips_and_keys_its_own_kv(engine, make, tmp_path):
     adapter.save(tmp_path / "a.safetensors", engine.fingerprint)
     loaded = ReuseAdapter.load(tmp_path / "a.safetensors")
     assert torch.equal(loaded.header, adapter.header) and loaded.digest() == adapter.digest()
+    assert loaded.trained_for == engine.fingerprint and loaded.path == (tmp_path / "a.safetensors").resolve()
     store = MemoryStore(1 << 30)
     plain, adapted = make(store), make(store, adapter=tmp_path / "a.safetensors")
     other = make(store, adapter=random_adapter(engine, seed=1))
@@ -198,9 +199,15 @@ def test_an_index_built_with_an_adapter_is_queried_with_it(engine, tiny_dirs, tm
     assert cli_main([*query, "--adapter", str(adapter), "--json"]) == 0
     stats = json.loads(capsys.readouterr().out)["stats"]
     assert stats["cache_hits"] >= 1 and stats["cache_misses"] == 0
-    assert cli_main(query) == 2  # without the adapter the index's KV is not this engine's
+    assert cli_main([*query, "--adapter", "none"]) == 2  # without it the index's KV is not this engine's
     err = capsys.readouterr().err.strip()
     assert err.startswith("blendrag: error:") and err.count("\n") == 0
+    assert f"built with reuse adapter {random_adapter(engine).digest()}, not none" in err
+    plain_index = str(tmp_path / "plain")
+    assert cli_main(["index", str(corpus), "--index-dir", plain_index, "--model", model]) == 0
+    capsys.readouterr()
+    assert cli_main([*query[:3], plain_index, *query[4:], "--adapter", str(adapter)]) == 2
+    assert "built with reuse adapter none, not " in capsys.readouterr().err
 
 
 def test_the_bundled_adapter_ships_for_the_bundled_model_only(make):
@@ -208,3 +215,19 @@ def test_the_bundled_adapter_ships_for_the_bundled_model_only(make):
     assert bundled.n_tokens == 4 and bundled.header.shape[1] == 576  # SmolLM2-135M's width
     with pytest.raises(BlendRAGError, match="another model"):
         make(adapter="bundled")
+    assert make().adapter is None  # "auto", the default: no adapter for a model it was not trained for
+
+
+def test_auto_means_the_bundled_adapter_for_exactly_the_model_it_was_trained_for():
+    bundled = ReuseAdapter.load("bundled")
+    assert resolve_adapter("auto", bundled.trained_for, "none").digest() == bundled.digest()
+    assert resolve_adapter("auto", bundled.trained_for, "prefix") is None  # chunks after a prefix
+    assert resolve_adapter("auto", "another model or dtype", "none") is None
+    assert resolve_adapter("none", bundled.trained_for, "none") is None
+    assert resolve_adapter(None, bundled.trained_for, "none") is None
+
+
+def test_the_bundled_model_gets_its_adapter_by_default(smol_engine):
+    adapter = smol_engine.adapter  # the engine of BlendEngine.from_pretrained()'s defaults
+    assert adapter is not None and adapter.digest() == ReuseAdapter.load("bundled").digest()
+    assert smol_engine.fingerprint != smol_engine.model_fingerprint

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from blendrag import BlendEngine
+from blendrag.adapter import ReuseAdapter
 from blendrag.errors import BlendRAGError
 from blendrag.vllm import blend_request
 from blendrag.vllm.client import BlendReport, blend_report
@@ -38,10 +39,10 @@ CHUNKS = ["The lighthouse was built in 1871 by the harbour board.", "Its lamp ca
 QUESTION = "Who built the lighthouse?"
 
 
-def vllm_config(model, store, device="cpu", policy="recompute"):
+def vllm_config(model, store, device="cpu", policy="recompute", **extra):
     return SimpleNamespace(
         kv_transfer_config=SimpleNamespace(
-            kv_connector_extra_config={"store": str(store)}, kv_load_failure_policy=policy
+            kv_connector_extra_config={"store": str(store), **extra}, kv_load_failure_policy=policy
         ),
         cache_config=SimpleNamespace(block_size=BLOCK, enable_prefix_caching=True),
         model_config=SimpleNamespace(model=str(model), dtype=torch.float32),
@@ -240,6 +241,36 @@ def test_the_worker_writes_the_blend_into_the_requests_slots(worker, indexer):
         "tokens_written": spec.end - spec.start,
         "tokens_recomputed": reference.stats.n_recomputed,
     }
+
+
+def test_with_an_adapter_the_connector_finds_and_blends_the_kv_made_after_it(
+    model, store, indexer, tmp_path, monkeypatch
+):
+    adapter_file = tmp_path / "adapter.safetensors"
+    header = torch.randn(3, indexer.model.args.dim, generator=torch.Generator().manual_seed(0))
+    ReuseAdapter(header).save(adapter_file, indexer.model_fingerprint)
+    adapted = BlendEngine.from_pretrained(str(model), store=str(store), adapter=str(adapter_file))
+    question = "Where did the lamp come from?"
+    blend = blend_request(adapted.prompt_format, CHUNKS, question, fingerprint=adapted.fingerprint)
+    request, n = fake_request("a1", blend), len(blend.prompt_token_ids)
+    with_adapter = vllm_config(model, store, adapter=str(adapter_file))
+    bare = BlendConnector(vllm_config(model, store), KVConnectorRole.SCHEDULER, None)
+    assert bare.get_num_new_matched_tokens(request, 0) == (0, False)  # another fingerprint
+    scheduler = BlendConnector(with_adapter, KVConnectorRole.SCHEDULER, None)
+    assert scheduler.get_num_new_matched_tokens(request, 0) == (0, False)  # not stored yet
+    adapted.precompute(CHUNKS)
+    scheduler = BlendConnector(with_adapter, KVConnectorRole.SCHEDULER, None)
+    assert scheduler.get_num_new_matched_tokens(request, 0) == (n - 1, False)
+    monkeypatch.setattr(conn_mod, "get_tp_group", FakeRank)
+    monkeypatch.setattr(conn_mod, "get_pp_group", FakeRank)
+    worker = BlendConnector(with_adapter, KVConnectorRole.WORKER, None)
+    spec = LoadSpec("a1", CHUNKS, question, adapted.config, 0, n - 1, list(range(N_BLOCKS)))
+    ctx = forward_context(adapted)
+    load(worker, spec, ctx)
+    reference = adapted.prefill(CHUNKS, question, mode="blend")
+    cache = ctx.no_compile_layers["model.layers.1.self_attn.attn"].kv_cache
+    assert torch.equal(cache[0, : n - 1], reference.kv.k[1, :, : n - 1].transpose(0, 1))
+    assert worker.build_connector_worker_meta().reports["a1"].cache_misses == 0
 
 
 def test_a_failed_blend_reports_its_blocks_once_and_the_step_goes_on(worker, indexer, store):

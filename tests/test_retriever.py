@@ -104,7 +104,8 @@ class FakeEngine:
         self, fingerprint: str = "fake-model-v1", store: FakeStore | None = None, delay_s: float = 0
     ):
         self.tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)
-        self.fingerprint = fingerprint
+        self.fingerprint = self.model_fingerprint = fingerprint
+        self.adapter = None
         self.kv_format = get_format(DEFAULT_FORMAT)
         self.store = store or FakeStore()
         self.chunk_kv = FakeChunkKV(fingerprint, self.store)

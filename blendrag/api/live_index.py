@@ -46,7 +46,7 @@ class LiveIndex:
             if (self.path / DB_NAME).is_file():
                 self._reopen()
         if self.retriever is not None:
-            self.retriever.index.check_fingerprint(engine.fingerprint)
+            self.retriever.index.check_fingerprint(engine)
         # Read by /health on the event loop: a plain value swapped whole, never a live query.
         self.counts = self._counts()
 

@@ -61,6 +61,10 @@ class VLLMBackend:
         vLLM's engine process opens too. ``kv_cache_gb``: vLLM's paged KV cache (None: vLLM's
         default; on the CPU build ``$VLLM_CPU_KVCACHE_SPACE``, which also overrides this value)."""
         self.check_store(store)
+        if engine.adapter is not None and engine.adapter.path is None:
+            raise BlendRAGError(
+                "the vllm backend loads the reuse adapter from its file: save it and load that"
+            )
         self.engine, self.store, self.kv_cache_gb = engine, store, kv_cache_gb
         self._llm: AsyncLLM | None = None
         self._aborts: set[asyncio.Task] = set()  # held so that a pending abort is not collected
@@ -78,13 +82,16 @@ class VLLMBackend:
         from vllm.engine.arg_utils import AsyncEngineArgs
 
         model = str(self.engine.model_path)
-        # The connector blends exactly as this engine would: same checkpoint, store, chunk context
-        # and BlendConfig (its default ratio is the one a request without recompute_ratio gets).
+        # The connector blends exactly as this engine would: same checkpoint, store, chunk context,
+        # reuse adapter and BlendConfig (its default ratio is the one a request without
+        # recompute_ratio gets).
+        adapter = self.engine.adapter
         extra = {
             "store": self.store,
             "model": model,
             "chunk_context": self.engine.chunk_context,
             "kv_format": self.engine.kv_format.tag,
+            "adapter": "none" if adapter is None else str(adapter.path),
             **asdict(self.engine.config),
         }
         transfer = KVTransferConfig(

@@ -83,8 +83,10 @@ def add_kv_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--adapter",
-        help="a reuse adapter from `blendrag tune`, or 'bundled' (the bundled model's): chunks are "
-        "precomputed after it (must be the one the index was built with)",
+        default="auto",
+        help="the reuse adapter chunks are precomputed after (the index's must be the same): "
+        "auto (default: the bundled adapter for the bundled model, none for other models), "
+        "none, bundled, or a file from `blendrag tune`",
     )
 
 
@@ -116,7 +118,7 @@ def load_engine(
         device=args.device,
         dtype=args.dtype,
         kv_format=kv_format or DEFAULT_FORMAT,
-        adapter=getattr(args, "adapter", None),
+        adapter=getattr(args, "adapter", "auto"),
     )
 
 

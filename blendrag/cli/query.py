@@ -103,7 +103,7 @@ def _open_index(index_dir: Path) -> Retriever:
 
 
 def _retrieve(retriever: Retriever, engine: BlendEngine, request: RAGRequest) -> tuple[list, float]:
-    retriever.index.check_fingerprint(engine.fingerprint)
+    retriever.index.check_fingerprint(engine)
     start = time.perf_counter()
     retrieved = retriever.search(request.question, request.top_k)
     return retrieved, time.perf_counter() - start

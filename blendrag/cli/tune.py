@@ -46,7 +46,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from OUT's last checkpoint")
     common.add_device_args(p)
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, adapter="none")  # the adapter is trained for the bare model
 
 
 def run(args: argparse.Namespace) -> None:

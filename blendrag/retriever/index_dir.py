@@ -8,11 +8,15 @@ so readers never see a vector without a chunk or a chunk without a vector.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from blendrag.errors import BlendRAGError
 
 from .docstore import DB_NAME, DocStore
 from .vector_index import VectorIndex
+
+if TYPE_CHECKING:
+    from blendrag.engine import BlendEngine
 
 VECTORS_NAME = "vectors.faiss"
 KV_DIR_NAME = "kv"
@@ -37,13 +41,27 @@ class IndexDir:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def check_fingerprint(self, fingerprint: str) -> None:
+    def check_fingerprint(self, engine: BlendEngine) -> None:
+        """The index's chunk KV was made by ``engine``'s model and reuse adapter, else a clear error
+        naming which of them differs."""
         built_with = self.meta.get("fingerprint")
-        if built_with is not None and built_with != fingerprint:
+        if built_with is None or built_with == engine.fingerprint:
+            return
+        ours = "none" if engine.adapter is None else engine.adapter.digest()
+        # An index built without an adapter holds the bare model's fingerprint.
+        if built_with == engine.model_fingerprint:
+            theirs = "none"
+        elif self.meta.get("model_fingerprint") == engine.model_fingerprint:
+            theirs = self.meta.get("adapter", "?")
+        else:
             raise BlendRAGError(
-                f"{self.path}: index was built with model {built_with}, not the loaded model {fingerprint}; "
-                "use the same --model or index into a new --index-dir"
+                f"{self.path}: index was built with model {built_with}, not the loaded model "
+                f"{engine.fingerprint}; use the same --model or index into a new --index-dir"
             )
+        raise BlendRAGError(
+            f"{self.path}: index was built with reuse adapter {theirs}, not {ours}; use the --adapter "
+            "it was built with (none, bundled or its file) or index into a new --index-dir"
+        )
 
     @property
     def kv_format(self) -> str | None:

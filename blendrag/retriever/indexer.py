@@ -64,7 +64,7 @@ def build_index(
     documents = read_documents(paths)  # invariant 5: every input is checked before any write
     planned = [row for doc in documents for row in chunk_document(doc, engine, chunk_tokens, overlap)]
     with IndexDir(Path(index_dir), create=True) as index:
-        index.check_fingerprint(engine.fingerprint)
+        index.check_fingerprint(engine)
         index.check_kv_format(engine.kv_format.tag)
         embedder = embedder or Embedder(index.meta.get("embedder", DEFAULT_EMBEDDER))
         index.check_embedder(embedder.name)
@@ -95,6 +95,8 @@ def _write_meta(index: IndexDir, engine, embedder: Embedder, documents: list[Doc
         index.docstore.set_meta(
             db,
             fingerprint=engine.fingerprint,
+            model_fingerprint=engine.model_fingerprint,
+            adapter="none" if engine.adapter is None else engine.adapter.digest(),
             kv_format=engine.kv_format.tag,
             embedder=embedder.name,
             dim=str(embedder.dim),
@@ -168,7 +170,7 @@ def content_hash(doc_id: str, text: str) -> str:
 def delete_document(index_dir: str | Path, doc_id: str, engine) -> int:
     """Remove a document's chunks, vectors, texts and KV; returns how many chunks went."""
     with IndexDir(Path(index_dir)) as index:
-        index.check_fingerprint(engine.fingerprint)
+        index.check_fingerprint(engine)
         if not index.docstore.has_document(doc_id):
             raise BlendRAGError(f"{index.path}: no document {doc_id!r} in this index")
         ids = list(index.docstore.document_chunks(doc_id).values())
@@ -177,11 +179,12 @@ def delete_document(index_dir: str | Path, doc_id: str, engine) -> int:
 
 
 def index_stats(index_dir: str | Path) -> dict:
-    """Documents, chunks, tokens, model fingerprint, and the default ``kv/`` store's format,
+    """Documents, chunks, tokens, model fingerprint, reuse adapter, and the default ``kv/`` store's format,
     bytes and byte budget."""
     with IndexDir(Path(index_dir)) as index:
         stats = index.docstore.counts()
         stats["fingerprint"] = index.meta.get("fingerprint")
+        stats["adapter"] = index.meta.get("adapter", "none")  # an index built before adapters has none
         stats["embedder"] = index.meta.get("embedder")
         stats["kv_format"] = index.kv_format
         kv_dir = index.path / KV_DIR_NAME

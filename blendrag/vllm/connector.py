@@ -44,6 +44,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStat
 from vllm.distributed.parallel_state import get_pp_group, get_tp_group
 from vllm.model_executor.models.utils import extract_layer_index
 
+from blendrag.adapter import AUTO, adapted_fingerprint, resolve_adapter
 from blendrag.chunk_kv import ChunkKVCache
 from blendrag.config import BlendConfig
 from blendrag.engine import BlendEngine
@@ -65,6 +66,8 @@ if TYPE_CHECKING:
     from vllm.v1.outputs import KVConnectorOutput
     from vllm.v1.request import Request
 
+    from blendrag.adapter import ReuseAdapter
+
 # Under vLLM's logger, so that vLLM's handler and level (VLLM_LOGGING_LEVEL) apply to it.
 log = logging.getLogger("vllm.blendrag.connector")
 
@@ -78,6 +81,7 @@ class ConnectorConfig:
     blend: BlendConfig
     chunk_context: str = "none"
     kv_format: str = DEFAULT_FORMAT  # the store's chunk KV format (blendrag.store.formats)
+    adapter: str = AUTO  # the reuse adapter chunks were precomputed after (blendrag.adapter)
 
     @classmethod
     def from_vllm(cls, vllm_config: VllmConfig) -> ConnectorConfig:
@@ -88,8 +92,9 @@ class ConnectorConfig:
         model = extra.pop("model", None) or vllm_config.model_config.model
         chunk_context = extra.pop("chunk_context", "none")
         kv_format = get_format(extra.pop("kv_format", DEFAULT_FORMAT)).tag
+        adapter = str(extra.pop("adapter", AUTO))
         blend = BlendConfig(**extra)  # recompute_ratio, check_layer, selector, ...; unknown keys raise
-        return cls(store, model, blend, chunk_context, kv_format)
+        return cls(store, model, blend, chunk_context, kv_format, adapter)
 
 
 @dataclass
@@ -206,7 +211,10 @@ class BlendConnector(KVConnectorBase_V1):
         served = vllm_config.model_config.model
         # KV from blendrag's model is only valid in vLLM's cache when both are the same model.
         same = served == self.cfg.model or inspect_checkpoint(served, dtype).fingerprint == ckpt.fingerprint
-        self.fingerprint = ckpt.fingerprint if same else None
+        # Chunk KV is keyed by the model and the reuse adapter it was precomputed after.
+        adapter = resolve_adapter(self.cfg.adapter, ckpt.fingerprint, self.cfg.chunk_context)
+        chunk_fingerprint = adapted_fingerprint(ckpt.fingerprint, adapter)
+        self.fingerprint = chunk_fingerprint if same else None
         if not same:
             log.error(
                 "BlendConnector: model %s is not the served model %s; connector disabled", ckpt.path, served
@@ -216,7 +224,7 @@ class BlendConnector(KVConnectorBase_V1):
         # scheduler: which chunks are stored (the keys the worker's engine uses; no model here)
         self.chunk_kv = ChunkKVCache(
             self.store,
-            ckpt.fingerprint,
+            chunk_fingerprint,
             self.prompt_format,
             get_format(self.cfg.kv_format),
             self.cfg.chunk_context,  # type: ignore[arg-type]
@@ -238,9 +246,9 @@ class BlendConnector(KVConnectorBase_V1):
                 "with an error; with 'recompute' vLLM prefills it instead"
             )
         if role == KVConnectorRole.WORKER and same:
-            self._init_worker(vllm_config, dtype)
+            self._init_worker(vllm_config, dtype, adapter)
 
-    def _init_worker(self, vllm_config: VllmConfig, dtype: torch.dtype) -> None:
+    def _init_worker(self, vllm_config: VllmConfig, dtype: torch.dtype, adapter: ReuseAdapter | None) -> None:
         device = worker_device(vllm_config)
         self.engine = BlendEngine.from_pretrained(
             self.cfg.model,
@@ -250,6 +258,7 @@ class BlendConnector(KVConnectorBase_V1):
             dtype=dtype,
             chunk_context=self.cfg.chunk_context,  # type: ignore[arg-type]
             kv_format=self.cfg.kv_format,
+            adapter=adapter,
             # Load reused KV before the layer loop, not on a thread beside it: in vLLM's CPU
             # worker, whose OpenMP threads are bound to the cores, the loader thread's torch
             # ops slow the blend (docs/decisions/0003-vllm-connector-loads-kv-up-front.md).
