@@ -354,6 +354,11 @@ def report(args: argparse.Namespace, summary: list[dict[str, Any]], records: lis
     (and full prefill's own gold F1, when measured)."""
     if args.out:
         write_json(args.out, {"settings": settings(args), "summary": summary, "records": records})
+    print_summary(summary, records)
+
+
+def print_summary(summary: list[dict[str, Any]], records: list[dict[str, Any]]) -> None:
+    """The table, and full prefill's own gold F1 when it was measured."""
     print(format_table(summary))
     full_f1 = [r["full_f1_gold"] for r in records if "full_f1_gold" in r]
     if full_f1:

@@ -148,3 +148,40 @@ def test_an_adapter_is_scored_beside_the_same_variant_without(tiny_dirs, tmp_pat
     assert list(rows) == ["full", "preview@0.5", "preview@1.0", "preview+adapter@0.5", "preview+adapter@1.0"]
     assert rows["preview+adapter@1.0"]["kl_first"] < 1e-6  # every token recomputed: no adapter left
     assert rows["preview+adapter@0.5"]["kl_first"] != rows["preview@0.5"]["kl_first"]
+
+
+def test_parts_merge_into_the_whole_run_with_paired_differences(tiny_dirs, tmp_path, capsys):
+    from eval import merge
+
+    dataset = tmp_path / "data.json"
+    dataset.write_text(json.dumps(ITEMS))
+    argv = ["--dataset", str(dataset), "--variants", "reuse;preview@0.5", "--model", str(tiny_dirs["llama"])]
+    argv += ["--kv-store", "memory", "--max-new-tokens", "4", "--ref-cache", str(tmp_path / "refs")]
+    for skip, n, name in [(0, 2, "whole"), (1, 1, "b"), (0, 1, "a"), (0, 2, "other")]:
+        extra = ["--variants", "reuse"] if name == "other" else []
+        assert (
+            fidelity.main([*argv, *extra, "--skip", str(skip), "--n", str(n), "--out", str(tmp_path / name)])
+            == 0
+        )
+    whole = json.loads((tmp_path / "whole").read_text())
+    out = tmp_path / "merged.json"
+    assert (
+        merge.main(
+            [str(tmp_path / "b"), str(tmp_path / "a"), "--out", str(out), "--pair", "reuse=preview@0.5"]
+        )
+        == 0
+    )
+    merged = json.loads(out.read_text())
+    assert [r["question"] for r in merged["records"]] == [r["question"] for r in whole["records"]]
+    for row, expected in zip(merged["summary"], whole["summary"], strict=True):
+        assert row["name"] == expected["name"] and row["kl_first"] == pytest.approx(expected["kl_first"])
+    (diff,) = merged["paired"]
+    kl = {row["name"]: row["kl_first"] for row in whole["summary"]}
+    assert diff["kl_first"] == pytest.approx(kl["reuse"] - kl["preview@0.5"])
+    assert "reuse - preview@0.5 (2 questions" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="overlap"):
+        merge.main([str(tmp_path / "whole"), str(tmp_path / "b")])
+    with pytest.raises(SystemExit, match="different settings: variants"):
+        merge.main([str(tmp_path / "other"), str(tmp_path / "b")])
+    with pytest.raises(SystemExit, match="--pair reuse=full"):
+        merge.main([str(tmp_path / "a"), "--pair", "reuse=full"])
