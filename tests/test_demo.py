@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
+from blendrag import BlendEngine
+from blendrag.adapter import ReuseAdapter
 from blendrag.cli import build_parser, demo
+from blendrag.errors import BlendRAGError
 from blendrag.retriever import Retriever, build_index
+from blendrag.retriever.index_dir import IndexDir
+from blendrag.store import MemoryStore
 
 CORPUS = demo.SAMPLES / "corpus"
 
@@ -43,6 +49,30 @@ def test_demo_prints_each_answer_beside_the_expected_one(tiny_engine, tmp_path, 
         assert f"Q: {q['question']}\n   expected: {q['answer']}\n   full  " in out
     assert out.count("   blend ") == 2
     assert "TTFT over 2 question(s), warm," in out
+
+
+def test_a_sample_index_built_otherwise_is_rebuilt_and_a_given_one_refused(
+    tiny_engine, tiny_dirs, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setenv("BLENDRAG_HOME", str(tmp_path))
+    monkeypatch.setattr(demo.common, "load_engine", lambda *args: tiny_engine)
+    header = torch.randn(2, tiny_engine.model.args.dim, generator=torch.Generator().manual_seed(0))
+    other = BlendEngine.from_pretrained(  # the same model, with a reuse adapter
+        str(tiny_dirs["llama"]), store=MemoryStore(1 << 30), kv_format="fp32", adapter=ReuseAdapter(header)
+    )
+    for index_dir in (tmp_path / "sample-index", tmp_path / "mine"):
+        build_index([CORPUS], index_dir, other)
+    args = build_parser().parse_args(["demo", "--questions", "1"])
+    args.func(args)
+    assert (
+        "was built with another model, dtype, reuse adapter or KV format: rebuilding it"
+        in capsys.readouterr().out
+    )
+    with IndexDir(tmp_path / "sample-index") as index:
+        assert index.meta["fingerprint"] == tiny_engine.fingerprint
+    args = build_parser().parse_args(["demo", "--questions", "1", "--index-dir", str(tmp_path / "mine")])
+    with pytest.raises(BlendRAGError, match="built with reuse adapter"):
+        args.func(args)  # the user's own index is never removed
 
 
 @pytest.mark.slow

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -56,12 +57,29 @@ def _normalize(text: str) -> str:
     return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
 
 
+def drop_stale_sample_index(index_dir: Path, engine: BlendEngine) -> None:
+    """The default sample index is the demo's own cache: one built with another model, dtype,
+    reuse adapter or KV format (by an earlier version, or an earlier run with other flags) is
+    removed, to be built again, instead of refusing to run."""
+    from blendrag.retriever.docstore import DB_NAME
+    from blendrag.retriever.index_dir import IndexDir
+
+    if not (index_dir / DB_NAME).is_file():
+        return
+    with IndexDir(index_dir) as index:
+        stale = index.meta.get("fingerprint") != engine.fingerprint or index.kv_format != engine.kv_format.tag
+    if stale:
+        print(f"{index_dir} was built with another model, dtype, reuse adapter or KV format: rebuilding it")
+        shutil.rmtree(index_dir)
+
+
 def run(args: argparse.Namespace) -> None:
     import torch
 
     from blendrag.loading import blendrag_home
     from blendrag.retriever.indexer import build_index
     from blendrag.retriever.search import Retriever
+    from blendrag.store import open_store
 
     if not args.corpus.is_dir():
         raise BlendRAGError(f"{args.corpus}: sample corpus not found")
@@ -70,8 +88,14 @@ def run(args: argparse.Namespace) -> None:
         if args.question
         else sample_questions()[: args.questions]
     )
-    index_dir = args.index_dir or blendrag_home() / "sample-index"
-    engine = common.load_engine(args, common.index_kv_store(index_dir, None), index_dir)
+    if args.index_dir is None:
+        index_dir = blendrag_home() / "sample-index"
+        engine = common.load_engine(args, None)
+        drop_stale_sample_index(index_dir, engine)
+    else:
+        index_dir = args.index_dir
+        engine = common.load_engine(args, None, index_dir)
+    engine = engine.with_store(open_store(common.index_kv_store(index_dir, None)))
     print(f"indexing {args.corpus} into {index_dir} ...")
     build_index([args.corpus], index_dir, engine)
     retriever = Retriever(index_dir)
