@@ -2,11 +2,12 @@
 ``--skip``/``--n``, on one machine or several), with paired differences between variants.
 
     python -m eval.merge runs/part-0.json runs/part-20.json ... --out runs/all.json \\
-        --pair "preview,offset_weight=0.5@0.15+adapter=preview,offset_weight=0.5@0.15"
+        --pair "preview,offset_weight=0.5+adapter@0.15;preview,offset_weight=0.5@0.15"
 
 The parts must have been run with the same settings but ``--skip``, ``--n`` and ``--out``, and
-must not overlap. A pair ``A=B`` reports, per metric, the mean over questions of A minus B with
-its bootstrap 95 % interval, and on how many questions A's first-token KL is the lower.
+must not overlap. A pair ``A;B`` (two variant names) reports, per metric, the mean over questions
+of A minus B with its bootstrap 95 % interval, and on how many questions A's first-token KL is the
+lower.
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m eval.merge", description=__doc__.split("\n\n")[0])
     p.add_argument("parts", type=Path, nargs="+", help="eval.fidelity --out reports")
     p.add_argument("--out", type=Path, help="the merged report (JSON), with the pairs under 'paired'")
-    p.add_argument("--pair", action="append", default=[], help="A=B: paired differences A minus B")
+    p.add_argument("--pair", action="append", default=[], help="A;B: paired differences A minus B")
     return p.parse_args(argv)
 
 
@@ -83,11 +84,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         merged = merge([json.loads(path.read_text()) for path in args.parts])
-        pairs = [tuple(spec.split("=", 1)) for spec in args.pair]
+        pairs = [tuple(spec.split(";")) for spec in args.pair]
         names = {row["name"] for row in merged["summary"]}
         for pair in pairs:
             if len(pair) != 2 or not set(pair) <= names:
-                raise ValueError(f"--pair {'='.join(pair)}: expected A=B of {', '.join(sorted(names))}")
+                raise ValueError(f"--pair {';'.join(pair)}: expected A;B of {', '.join(sorted(names))}")
     except (ValueError, OSError, KeyError) as err:
         raise SystemExit(f"error: {err}") from None
     merged["paired"] = [paired(merged["records"], a, b) for a, b in pairs]

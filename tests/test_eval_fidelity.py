@@ -167,7 +167,7 @@ def test_parts_merge_into_the_whole_run_with_paired_differences(tiny_dirs, tmp_p
     out = tmp_path / "merged.json"
     assert (
         merge.main(
-            [str(tmp_path / "b"), str(tmp_path / "a"), "--out", str(out), "--pair", "reuse=preview@0.5"]
+            [str(tmp_path / "b"), str(tmp_path / "a"), "--out", str(out), "--pair", "reuse;preview@0.5"]
         )
         == 0
     )
@@ -183,5 +183,5 @@ def test_parts_merge_into_the_whole_run_with_paired_differences(tiny_dirs, tmp_p
         merge.main([str(tmp_path / "whole"), str(tmp_path / "b")])
     with pytest.raises(SystemExit, match="different settings: variants"):
         merge.main([str(tmp_path / "other"), str(tmp_path / "b")])
-    with pytest.raises(SystemExit, match="--pair reuse=full"):
-        merge.main([str(tmp_path / "a"), "--pair", "reuse=full"])
+    with pytest.raises(SystemExit, match="--pair reuse;full"):
+        merge.main([str(tmp_path / "a"), "--pair", "reuse;full"])
