@@ -14,10 +14,12 @@ a question and its first ``--top-k`` passages. Peers:
 
 blendrag's ``full``, ``reuse`` and ``blend`` (one per ``--ratios``) run through
 ``harness.runner`` (chunk KV precomputed before timing); their TTFT includes building and
-tokenizing the prompt, the peers get the token ids. All threads: ``--threads`` (default: torch's).
-Each method is warmed up once on one question (discarded). Reported per method: TTFT mean
-and p50, its speedup over transformers (transformers' mean / the method's mean), and the share
-of greedy answers (``--max-new-tokens``, first line) identical to blendrag ``full``'s.
+tokenizing the prompt, the peers get the token ids. The engine loads with the product's reuse
+adapter (``--adapter auto``: the bundled adapter for the bundled model). All threads:
+``--threads`` (default: torch's). Each method is warmed up once on one question (discarded).
+Reported per method: TTFT mean and p50, its speedup over transformers (transformers' mean / the
+method's mean), and the share of greedy answers (``--max-new-tokens``, first line) identical to
+blendrag ``full``'s.
 """
 
 from __future__ import annotations
@@ -221,6 +223,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--gguf", type=Path, default=None, help="GGUF for llama.cpp (default: the embedded model's)"
     )
     p.add_argument("--kv-store", default=None, help="KV store spec (default: the engine's default)")
+    p.add_argument(
+        "--adapter", default="auto", help="blendrag's reuse adapter (default: the product's, auto)"
+    )
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--out", type=Path, default=None, help="write settings, summary and per-question rows")
@@ -239,7 +244,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     torch.set_num_threads(args.threads)
     items = load_dataset(args.dataset, args.n)
-    backend = load_backend(args.model, args.kv_store)
+    backend = load_backend(args.model, args.kv_store, adapter=args.adapter)
     engine = backend.engine
     source = dataset_chunks(args.top_k)
     chunk_lists = [source(it) for it in items]

@@ -51,13 +51,15 @@ def load_backend(
     chunk_context: str = "none",
     device: str | None = None,
     dtype: str | None = None,
+    adapter: str | None = None,
 ) -> Backend:
+    """The engine of ``model`` for a screen or a benchmark. ``adapter``: None, the screens' bare
+    engine (``eval.fidelity --adapter`` scores one beside it); "auto" for the product's default."""
     # Imported here so that the harness (and its tests) load without the engine's heavy imports.
     from blendrag import BlendConfig, BlendEngine
 
-    # No reuse adapter: a screen scores one explicitly, beside the bare engine (eval.fidelity --adapter).
     engine = BlendEngine.from_pretrained(
-        path=model, store=kv_store, chunk_context=chunk_context, device=device, dtype=dtype, adapter=None
+        path=model, store=kv_store, chunk_context=chunk_context, device=device, dtype=dtype, adapter=adapter
     )
     return Backend(engine, BlendConfig())
 
