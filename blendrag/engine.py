@@ -367,15 +367,17 @@ class BlendEngine:
         positions, filters = plan_selection(
             cfg, positions, n_chunk_tokens, prompt.suffix_start, forced, scores
         )
-        return PrefillPlan(positions, filters, scores, self._offset_correction(cfg, prompt, buf))
+        correction = self._offset_correction(cfg, prompt, buf, exact_first)
+        return PrefillPlan(positions, filters, scores, correction)
 
     def _offset_correction(
-        self, cfg: BlendConfig, prompt: RAGPrompt, buf: KVBuffer
+        self, cfg: BlendConfig, prompt: RAGPrompt, buf: KVBuffer, exact_first: bool
     ) -> OffsetCorrection | None:
-        if cfg.offset_weight == 0:
+        if cfg.offset_weight == 0 and cfg.key_scale == 1:
             return None
         spans = [(o, len(c)) for o, c in zip(prompt.chunk_offsets(), prompt.chunks, strict=True)]
-        return OffsetCorrection(spans, cfg.offset_weight, self.rotary, buf)
+        spans = spans[1:] if exact_first else spans  # an exact first chunk has nothing to correct
+        return OffsetCorrection(spans, cfg.offset_weight, self.rotary, buf, cfg.key_scale)
 
     # ---- decoding ---------------------------------------------------------------------------
 
