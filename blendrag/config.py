@@ -37,9 +37,6 @@ class BlendConfig:
     offset_weight: offset correction (``blendrag.offset``): at every layer, this share of the
         mean residual (fresh minus reused K/V) of a chunk's recomputed tokens is added to the
         chunk's other tokens. 0 turns it off (docs/decisions/0012-offset-correction.md).
-    key_scale: the reused keys the offset correction moves are also multiplied by this at every
-        layer (a temperature on the attention every later token pays them, APE's, ICLR'25); the
-        KV stays so for decoding. 1 turns it off.
     """
 
     recompute_ratio: float = 0.15
@@ -49,7 +46,6 @@ class BlendConfig:
     first_k: int = 0
     preview_draft: int = 0
     offset_weight: float = 0.5
-    key_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.recompute_ratio <= 1.0:
@@ -58,8 +54,6 @@ class BlendConfig:
             raise ValueError("check_layer, gradual_layers, first_k and preview_draft must be >= 0")
         if not 0.0 <= self.offset_weight <= 1.0:
             raise ValueError(f"offset_weight must be in [0, 1], got {self.offset_weight}")
-        if not 0.0 < self.key_scale <= 4.0:
-            raise ValueError(f"key_scale must be in (0, 4], got {self.key_scale}")
         if self.selector not in SELECTORS:
             raise ValueError(f"selector must be one of {SELECTORS}, got {self.selector!r}")
         if self.selector in ("deviation", "attention_deviation") and self.check_layer < 1:

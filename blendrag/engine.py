@@ -367,17 +367,15 @@ class BlendEngine:
         positions, filters = plan_selection(
             cfg, positions, n_chunk_tokens, prompt.suffix_start, forced, scores
         )
-        correction = self._offset_correction(cfg, prompt, buf, exact_first)
-        return PrefillPlan(positions, filters, scores, correction)
+        return PrefillPlan(positions, filters, scores, self._offset_correction(cfg, prompt, buf))
 
     def _offset_correction(
-        self, cfg: BlendConfig, prompt: RAGPrompt, buf: KVBuffer, exact_first: bool
+        self, cfg: BlendConfig, prompt: RAGPrompt, buf: KVBuffer
     ) -> OffsetCorrection | None:
-        if cfg.offset_weight == 0 and cfg.key_scale == 1:
+        if cfg.offset_weight == 0:
             return None
         spans = [(o, len(c)) for o, c in zip(prompt.chunk_offsets(), prompt.chunks, strict=True)]
-        spans = spans[1:] if exact_first else spans  # an exact first chunk has nothing to correct
-        return OffsetCorrection(spans, cfg.offset_weight, self.rotary, buf, cfg.key_scale)
+        return OffsetCorrection(spans, cfg.offset_weight, self.rotary, buf)
 
     # ---- decoding ---------------------------------------------------------------------------
 

@@ -26,18 +26,10 @@ class OffsetCorrection:
     """Called by ``run_layers`` at each layer with the active positions' fresh rotated keys and
     values, before they are written over the reused ones in ``kv``."""
 
-    def __init__(
-        self,
-        spans: Sequence[tuple[int, int]],
-        weight: float,
-        rotary: Rotary,
-        kv: KVBuffer,
-        key_scale: float = 1.0,
-    ) -> None:
-        """``spans``: (start, length) of each reused chunk that may be corrected; ``key_scale``
-        multiplies the corrected keys (after the shift)."""
+    def __init__(self, spans: Sequence[tuple[int, int]], weight: float, rotary: Rotary, kv: KVBuffer) -> None:
+        """``spans``: (start, length) of each reused chunk that may be corrected."""
         device = kv.k[0].device
-        self.weight, self.key_scale = weight, key_scale
+        self.weight = weight
         self.n_spans = len(spans)
         # span_of[p]: the span holding position p, or -1 (prefix, question, answer). A chunk's
         # first token is left out: prefilled alone, a chunk turns it into an attention sink, whose
@@ -57,22 +49,19 @@ class OffsetCorrection:
         if layout is None:
             return
         probe, probes, span, targets, target_span = layout
-        if probes.numel():
-            # Residuals [Hkv, n_probes, D]; keys un-rotated (rotation by -angle) to a common frame.
-            res_k = k[:, probe].float() - kv.k[layer][:, probes].float()
-            res_k = unrotate(res_k, self.cos[probes], self.sin[probes], self.scaling)
-            res_v = v[:, probe].float() - kv.v[layer][:, probes].float()
-            shift_k, shift_v = self._span_means(res_k, span), self._span_means(res_v, span)
-            add_k = rotate(shift_k[:, target_span], self.cos[targets], self.sin[targets])
-            add_v = shift_v[:, target_span]
-            kv.k[layer].index_add_(1, targets, add_k.to(kv.k[layer].dtype), alpha=self.weight)
-            kv.v[layer].index_add_(1, targets, add_v.to(kv.v[layer].dtype), alpha=self.weight)
-        if self.key_scale != 1:
-            kv.k[layer][:, targets] *= self.key_scale
+        # Residuals [Hkv, n_probes, D]; keys un-rotated (rotation by -angle) to a common frame.
+        res_k = k[:, probe].float() - kv.k[layer][:, probes].float()
+        res_k = unrotate(res_k, self.cos[probes], self.sin[probes], self.scaling)
+        res_v = v[:, probe].float() - kv.v[layer][:, probes].float()
+        shift_k, shift_v = self._span_means(res_k, span), self._span_means(res_v, span)
+        add_k = rotate(shift_k[:, target_span], self.cos[targets], self.sin[targets])
+        add_v = shift_v[:, target_span]
+        kv.k[layer].index_add_(1, targets, add_k.to(kv.k[layer].dtype), alpha=self.weight)
+        kv.v[layer].index_add_(1, targets, add_v.to(kv.v[layer].dtype), alpha=self.weight)
 
     def _layout(self, positions: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
-        """Which active rows are probes (maybe none), their positions and spans, and the positions
-        (and spans) to correct; None when nothing is to be done. The active set changes only at a filter
+        """Which active rows are probes, their positions and spans, and the positions (and spans)
+        to correct; None when nothing is to be done. The active set changes only at a filter
         layer, so the layout of the last ``positions`` tensor seen is kept."""
         if positions is not self._positions:
             self._positions, self._cached = positions, self._compute_layout(positions)
@@ -81,7 +70,7 @@ class OffsetCorrection:
     def _compute_layout(self, positions: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
         span = self.span_of[positions]
         probe = span >= 0
-        if not bool(probe.any()) and self.key_scale == 1:
+        if not bool(probe.any()):
             return None
         targets = self.span_of.clone()
         targets[positions] = -1  # what is recomputed here gets fresh K/V instead

@@ -26,7 +26,7 @@ RATIO_ONE_CONFIGS = pytest.mark.parametrize(
     [
         BlendConfig(recompute_ratio=1.0, selector="deviation", check_layer=1),
         BlendConfig(recompute_ratio=1.0, selector="preview", check_layer=0, preview_draft=3),
-        BlendConfig(recompute_ratio=1.0, offset_weight=1.0, key_scale=1.5),
+        BlendConfig(recompute_ratio=1.0, offset_weight=1.0),
     ],
     ids=["deviation", "preview", "offset"],
 )
@@ -324,8 +324,6 @@ def test_bad_config_is_rejected():
         BlendConfig(selector="deviation", check_layer=0)  # no deviation exists at layer 0
     with pytest.raises(ValueError, match="offset_weight"):
         BlendConfig(offset_weight=1.5)
-    with pytest.raises(ValueError, match="key_scale"):
-        BlendConfig(key_scale=0)
 
 
 @pytest.mark.slow

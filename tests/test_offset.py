@@ -68,23 +68,6 @@ def test_each_chunk_gets_the_mean_residual_of_its_probes(rope):
     assert torch.equal(kv.v[0][:, untouched], before_v[0][:, untouched])
 
 
-def test_key_scale_multiplies_the_corrected_keys_after_the_shift():
-    """With a key scale, the targets' keys are (reused + weight * shift) * scale; their values
-    and every other position are what the offset correction alone leaves."""
-    rotary, weight, scale = rotary_of(ROTARIES["default"]), 0.5, 1.25
-    probes = torch.tensor([6, 9, 13, 20])
-    shifted, scaled = buffer(), buffer()
-    fresh_k, fresh_v = shifted.k[0][:, probes] + 1, shifted.v[0][:, probes] - 1
-    OffsetCorrection(SPANS, weight, rotary, shifted)(0, probes, fresh_k, fresh_v, shifted)
-    OffsetCorrection(SPANS, weight, rotary, scaled, key_scale=scale)(0, probes, fresh_k, fresh_v, scaled)
-
-    targets = torch.tensor([5, 7, 8, 10, 11, 14, 15, 16, 17])
-    torch.testing.assert_close(scaled.k[0][:, targets], shifted.k[0][:, targets] * scale)
-    others = torch.tensor([p for p in range(LENGTH) if p not in targets.tolist()])
-    assert torch.equal(scaled.k[0][:, others], shifted.k[0][:, others])
-    assert torch.equal(scaled.v, shifted.v) and torch.equal(scaled.k[1:], shifted.k[1:])
-
-
 def test_no_probe_in_any_chunk_changes_nothing():
     rotary, kv = rotary_of(ROTARIES["default"]), buffer()
     before_k, before_v = kv.k.clone(), kv.v.clone()
@@ -112,20 +95,3 @@ def test_offset_changes_blend_and_only_when_on(tiny_engine):
     assert torch.equal(on.kv.k[:, :, :exact], off.kv.k[:, :, :exact])
     chunks = slice(exact, on.prompt.suffix_start)
     assert not torch.equal(on.kv.v[:, :, chunks], off.kv.v[:, :, chunks])
-
-
-def test_key_scale_alone_installs_the_correction(tiny_engine):
-    """A key scale with no offset weight scales the reused keys and leaves the values."""
-    off = tiny_engine.prefill(
-        CHUNKS, QUESTION, mode="blend", config=BlendConfig(recompute_ratio=0.3, offset_weight=0)
-    )
-    on = tiny_engine.prefill(
-        CHUNKS,
-        QUESTION,
-        mode="blend",
-        config=BlendConfig(recompute_ratio=0.3, offset_weight=0, key_scale=0.5),
-    )
-    assert on.plan.correction is not None and not torch.equal(on.logits, off.logits)
-    layer0 = slice(len(on.prompt.prefix) + len(on.prompt.chunks[0]), on.prompt.suffix_start)
-    assert not torch.equal(on.kv.k[0, :, layer0], off.kv.k[0, :, layer0])
-    assert torch.equal(on.kv.v[0], off.kv.v[0])  # layer 0's values: nothing read a scaled key yet
