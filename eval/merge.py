@@ -8,6 +8,10 @@ The parts must have been run with the same settings but ``--skip``, ``--n`` and 
 must not overlap. A pair ``A;B`` (two variant names) reports, per metric, the mean over questions
 of A minus B with its bootstrap 95 % interval, and on how many questions A's first-token KL is the
 lower.
+
+``--beside LABEL=PART`` (repeatable) adds another run over the same questions, with other settings
+(another ``--chunk-context``, say): its parts are merged the same way and its variants join each
+question's results as ``LABEL:NAME``, so pairs can compare across the two runs.
 """
 
 from __future__ import annotations
@@ -46,6 +50,21 @@ def merge(reports: list[dict[str, Any]]) -> dict[str, Any]:
     return {"settings": settings, "summary": summarize_all(records, names), "records": records}
 
 
+def beside(merged: dict[str, Any], label: str, other: dict[str, Any]) -> dict[str, Any]:
+    """``merged`` with ``other``'s variants (a run over the same questions, with other settings)
+    added to each question's results as ``LABEL:NAME``."""
+    if [r["question"] for r in other["records"]] != [r["question"] for r in merged["records"]]:
+        raise ValueError(f"--beside {label}: its parts hold other questions than the main run's")
+    records = [
+        r | {"results": r["results"] | {f"{label}:{name}": v for name, v in o["results"].items()}}
+        for r, o in zip(merged["records"], other["records"], strict=True)
+    ]
+    names = [row["name"] for row in merged["summary"]]
+    names += [f"{label}:{row['name']}" for row in other["summary"]]
+    settings = merged["settings"] | {f"beside:{label}": other["settings"]}
+    return {"settings": settings, "summary": summarize_all(records, names), "records": records}
+
+
 def paired(records: list[dict[str, Any]], a: str, b: str) -> dict[str, Any]:
     """Per metric that both carry: the mean of ``a`` minus ``b`` over questions and its bootstrap
     95 % interval; ``kl_lower``: questions on which ``a``'s first-token KL is the lower."""
@@ -77,13 +96,38 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("parts", type=Path, nargs="+", help="eval.fidelity --out reports")
     p.add_argument("--out", type=Path, help="the merged report (JSON), with the pairs under 'paired'")
     p.add_argument("--pair", action="append", default=[], help="A;B: paired differences A minus B")
+    p.add_argument(
+        "--beside",
+        action="append",
+        default=[],
+        metavar="LABEL=PART",
+        help="a part of another run over the same questions; its variants are named LABEL:NAME",
+    )
     return p.parse_args(argv)
+
+
+def read_reports(paths: Sequence[Path]) -> dict[str, Any]:
+    return merge([json.loads(path.read_text()) for path in paths])
+
+
+def merged_with_beside(args: argparse.Namespace) -> dict[str, Any]:
+    """The main run's parts merged, with each ``--beside`` run's merged parts beside them."""
+    merged = read_reports(args.parts)
+    others: dict[str, list[Path]] = {}
+    for spec in args.beside:
+        label, sep, path = spec.partition("=")
+        if not sep or not label:
+            raise ValueError(f"--beside {spec}: expected LABEL=PART")
+        others.setdefault(label, []).append(Path(path))
+    for label, paths in others.items():
+        merged = beside(merged, label, read_reports(paths))
+    return merged
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        merged = merge([json.loads(path.read_text()) for path in args.parts])
+        merged = merged_with_beside(args)
         pairs = [tuple(spec.split(";")) for spec in args.pair]
         names = {row["name"] for row in merged["summary"]}
         for pair in pairs:

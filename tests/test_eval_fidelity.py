@@ -185,3 +185,32 @@ def test_parts_merge_into_the_whole_run_with_paired_differences(tiny_dirs, tmp_p
         merge.main([str(tmp_path / "other"), str(tmp_path / "b")])
     with pytest.raises(SystemExit, match="--pair reuse;full"):
         merge.main([str(tmp_path / "a"), "--pair", "reuse;full"])
+
+
+def test_a_run_with_other_settings_joins_beside_for_pairs(tiny_dirs, tmp_path, capsys):
+    """Chunks precomputed after the prompt prefix, beside the same questions' run without: its
+    variants are named prefix:NAME and pair with the main run's, question by question."""
+    from eval import merge
+
+    dataset = tmp_path / "data.json"
+    dataset.write_text(json.dumps(ITEMS))
+    argv = ["--dataset", str(dataset), "--variants", "preview@0.5", "--model", str(tiny_dirs["llama"])]
+    argv += ["--kv-store", "memory", "--max-new-tokens", "4", "--ref-cache", str(tmp_path / "refs")]
+    for context in ("none", "prefix"):
+        out = ["--out", str(tmp_path / context), "--n", "2"]
+        assert fidelity.main([*argv, *out, "--chunk-context", context]) == 0
+    assert fidelity.main([*argv, "--n", "1", "--out", str(tmp_path / "one")]) == 0
+    kl = {c: json.loads((tmp_path / c).read_text())["summary"][0]["kl_first"] for c in ("none", "prefix")}
+    assert kl["none"] != kl["prefix"]
+    out = tmp_path / "joined.json"
+    beside = ["--beside", f"prefix={tmp_path / 'prefix'}"]
+    pair = ["--pair", "prefix:preview@0.5;preview@0.5", "--out", str(out)]
+    assert merge.main([str(tmp_path / "none"), *beside, *pair]) == 0
+    joined = json.loads(out.read_text())
+    assert [row["name"] for row in joined["summary"]] == ["preview@0.5", "prefix:preview@0.5"]
+    assert joined["paired"][0]["kl_first"] == pytest.approx(kl["prefix"] - kl["none"])
+    assert joined["settings"]["beside:prefix"]["chunk_context"] == "prefix"
+    with pytest.raises(SystemExit, match="other questions"):
+        merge.main([str(tmp_path / "one"), *beside])
+    with pytest.raises(SystemExit, match="expected LABEL=PART"):
+        merge.main([str(tmp_path / "none"), "--beside", str(tmp_path / "prefix")])
