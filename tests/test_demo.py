@@ -10,6 +10,7 @@ from blendrag.adapter import ReuseAdapter
 from blendrag.cli import build_parser, demo
 from blendrag.errors import BlendRAGError
 from blendrag.retriever import Retriever, build_index
+from blendrag.retriever.docstore import DB_NAME
 from blendrag.retriever.index_dir import IndexDir
 from blendrag.store import MemoryStore
 
@@ -65,14 +66,16 @@ def test_a_sample_index_built_otherwise_is_rebuilt_and_a_given_one_refused(
     args = build_parser().parse_args(["demo", "--questions", "1"])
     args.func(args)
     assert (
-        "was built with another model, dtype, reuse adapter or KV format: rebuilding it"
+        "was built with another model, dtype, reuse adapter, chunk context or KV format: rebuilding it"
         in capsys.readouterr().out
     )
     with IndexDir(tmp_path / "sample-index") as index:
         assert index.meta["fingerprint"] == tiny_engine.fingerprint
     args = build_parser().parse_args(["demo", "--questions", "1", "--index-dir", str(tmp_path / "mine")])
-    with pytest.raises(BlendRAGError, match="built with reuse adapter"):
-        args.func(args)  # the user's own index is never removed
+    # (chunk context none, with an adapter, against the tiny engine's prefix and none)
+    with pytest.raises(BlendRAGError, match="index was built with chunk context none, not prefix"):
+        args.func(args)
+    assert (tmp_path / "mine" / DB_NAME).is_file()  # the user's own index is never removed
 
 
 @pytest.mark.slow

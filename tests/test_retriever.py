@@ -35,7 +35,7 @@ from blendrag.retriever import (
     indexer,
 )
 from blendrag.retriever.docstore import DB_NAME, DocStore
-from blendrag.retriever.index_dir import VECTORS_NAME
+from blendrag.retriever.index_dir import VECTORS_NAME, IndexDir
 from blendrag.retriever.vector_index import VectorIndex
 from blendrag.stats import GenerationStats
 from blendrag.store.formats import DEFAULT_FORMAT, get_format
@@ -106,6 +106,7 @@ class FakeEngine:
         self.tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)
         self.fingerprint = self.model_fingerprint = fingerprint
         self.adapter = None
+        self.chunk_context = "none"
         self.kv_format = get_format(DEFAULT_FORMAT)
         self.store = store or FakeStore()
         self.chunk_kv = FakeChunkKV(fingerprint, self.store)
@@ -274,6 +275,7 @@ def test_stats(sample_index):
     stats = index_stats(index_dir)
     assert stats["documents"] == 12 and stats["chunks"] == stats["kv_done"] > 12
     assert stats["tokens"] > 12 * 150 and stats["fingerprint"] == engine.fingerprint
+    assert stats["adapter"] == "none" and stats["chunk_context"] == "none"
 
 
 def test_jsonl_ids_and_metadata(tmp_path, engine, embedder):
@@ -506,6 +508,20 @@ def test_other_model_fingerprint_is_refused(sample_index, embedder):
     with pytest.raises(BlendRAGError, match="built with model"):
         delete_document(index_dir, "vellmark_history.md", other)
     assert snapshot(index_dir) == before and not other.precomputed
+
+
+def test_other_chunk_context_is_refused(sample_index, embedder):
+    """Chunk KV keys name the context chunks were precomputed after: an engine with another one
+    would miss every chunk and recompute it, so the index refuses it, whatever the model."""
+    index_dir, _ = sample_index
+    before = snapshot(index_dir)
+    with IndexDir(index_dir) as index:
+        assert index.meta["chunk_context"] == "none"
+    engine = FakeEngine()
+    engine.chunk_context = "prefix"
+    with pytest.raises(BlendRAGError, match="built with chunk context none, not prefix"):
+        build_index([CORPUS], index_dir, engine, chunk_tokens=CHUNK_TOKENS, embedder=embedder)
+    assert snapshot(index_dir) == before and not engine.precomputed
 
 
 def test_query_on_missing_or_empty_index(tmp_path, engine, embedder):

@@ -59,17 +59,22 @@ def _normalize(text: str) -> str:
 
 def drop_stale_sample_index(index_dir: Path, engine: BlendEngine) -> None:
     """The default sample index is the demo's own cache: one built with another model, dtype,
-    reuse adapter or KV format (by an earlier version, or an earlier run with other flags) is
-    removed, to be built again, instead of refusing to run."""
+    reuse adapter, chunk context or KV format (by an earlier version, or an earlier run with other
+    flags) is removed, to be built again, instead of refusing to run."""
     from blendrag.retriever.docstore import DB_NAME
     from blendrag.retriever.index_dir import IndexDir
 
     if not (index_dir / DB_NAME).is_file():
         return
     with IndexDir(index_dir) as index:
-        stale = index.meta.get("fingerprint") != engine.fingerprint or index.kv_format != engine.kv_format.tag
+        stale = (
+            index.meta.get("fingerprint") != engine.fingerprint
+            or index.meta.get("chunk_context", engine.chunk_context) != engine.chunk_context
+            or index.kv_format != engine.kv_format.tag
+        )
     if stale:
-        print(f"{index_dir} was built with another model, dtype, reuse adapter or KV format: rebuilding it")
+        settings = "model, dtype, reuse adapter, chunk context or KV format"
+        print(f"{index_dir} was built with another {settings}: rebuilding it")
         shutil.rmtree(index_dir)
 
 

@@ -42,10 +42,20 @@ class IndexDir:
         self.close()
 
     def check_fingerprint(self, engine: BlendEngine) -> None:
-        """The index's chunk KV was made by ``engine``'s model and reuse adapter, else a clear error
-        naming which of them differs."""
+        """The index's chunk KV was made by ``engine``'s model and reuse adapter, after the same
+        chunk context, else a clear error naming which of them differs."""
         built_with = self.meta.get("fingerprint")
-        if built_with is None or built_with == engine.fingerprint:
+        if built_with is None:
+            return
+        # Chunk KV keys name their context: under another one, every chunk would miss and be
+        # recomputed, silently. (An index built before the context was recorded is not checked.)
+        context = self.meta.get("chunk_context", engine.chunk_context)
+        if context != engine.chunk_context:
+            raise BlendRAGError(
+                f"{self.path}: index was built with chunk context {context}, not {engine.chunk_context}; "
+                "open it with the chunk context it was built with or index into a new --index-dir"
+            )
+        if built_with == engine.fingerprint:
             return
         ours = "none" if engine.adapter is None else engine.adapter.digest()
         # An index built without an adapter holds the bare model's fingerprint.

@@ -97,6 +97,7 @@ def _write_meta(index: IndexDir, engine, embedder: Embedder, documents: list[Doc
             fingerprint=engine.fingerprint,
             model_fingerprint=engine.model_fingerprint,
             adapter="none" if engine.adapter is None else engine.adapter.digest(),
+            chunk_context=engine.chunk_context,
             kv_format=engine.kv_format.tag,
             embedder=embedder.name,
             dim=str(embedder.dim),
@@ -179,12 +180,13 @@ def delete_document(index_dir: str | Path, doc_id: str, engine) -> int:
 
 
 def index_stats(index_dir: str | Path) -> dict:
-    """Documents, chunks, tokens, model fingerprint, reuse adapter, and the default ``kv/`` store's format,
-    bytes and byte budget."""
+    """Documents, chunks, tokens, model fingerprint, reuse adapter, chunk context (None: built
+    before it was recorded), and the default ``kv/`` store's format, bytes and byte budget."""
     with IndexDir(Path(index_dir)) as index:
         stats = index.docstore.counts()
         stats["fingerprint"] = index.meta.get("fingerprint")
         stats["adapter"] = index.meta.get("adapter", "none")  # an index built before adapters has none
+        stats["chunk_context"] = index.meta.get("chunk_context")
         stats["embedder"] = index.meta.get("embedder")
         stats["kv_format"] = index.kv_format
         kv_dir = index.path / KV_DIR_NAME
