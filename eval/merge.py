@@ -106,13 +106,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def read_reports(paths: Sequence[Path]) -> dict[str, Any]:
+def merge_files(paths: Sequence[Path]) -> dict[str, Any]:
     return merge([json.loads(path.read_text()) for path in paths])
 
 
 def merged_with_beside(args: argparse.Namespace) -> dict[str, Any]:
     """The main run's parts merged, with each ``--beside`` run's merged parts beside them."""
-    merged = read_reports(args.parts)
+    merged = merge_files(args.parts)
     others: dict[str, list[Path]] = {}
     for spec in args.beside:
         label, sep, path = spec.partition("=")
@@ -120,7 +120,7 @@ def merged_with_beside(args: argparse.Namespace) -> dict[str, Any]:
             raise ValueError(f"--beside {spec}: expected LABEL=PART")
         others.setdefault(label, []).append(Path(path))
     for label, paths in others.items():
-        merged = beside(merged, label, read_reports(paths))
+        merged = beside(merged, label, merge_files(paths))
     return merged
 
 
