@@ -84,6 +84,24 @@ def test_index_format_and_budget_carry_over_to_query(tiny_dirs, tmp_path, capsys
     assert err.count("\n") == 0 and "holds KV in format int8" in err
 
 
+def test_index_chunk_context_carries_over_to_query(tiny_dirs, tmp_path, capsys):
+    """An index built with --chunk-context prefix: --stats shows it, a query without the flag
+    reads its entries (hits), one with the other context is refused in one line."""
+    model, index_dir = str(tiny_dirs["llama"]), str(tmp_path / "i")
+    build = ["index", str(SAMPLE_CORPUS), "--index-dir", index_dir, "--model", model]
+    assert main([*build, "--chunk-context", "prefix"]) == 0
+    capsys.readouterr()
+    assert main(["index", "--stats", "--index-dir", index_dir]) == 0
+    assert "chunk_context: prefix" in capsys.readouterr().out.splitlines()
+    argv = ["query", "Who kept the lighthouse?", "--index-dir", index_dir, "--model", model]
+    assert main([*argv, "--top-k", "2", "--max-new-tokens", "2", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)["stats"]
+    assert out["cache_hits"] == 2 and out["cache_misses"] == 0
+    assert main([*argv, "--chunk-context", "none"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "built with chunk context prefix, not none" in err
+
+
 @pytest.mark.parametrize(
     "option, message",
     [

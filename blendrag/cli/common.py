@@ -88,16 +88,24 @@ def add_kv_args(parser: argparse.ArgumentParser) -> None:
         "auto (default: the bundled adapter for the bundled model, none for other models), "
         "none, bundled, or a file from `blendrag tune`",
     )
+    parser.add_argument(
+        "--chunk-context",
+        choices=["none", "prefix"],
+        help="what chunks are precomputed after: none (alone) or prefix (the prompt prefix, one "
+        "attention sink; closer to full prefill for a model without an adapter, and no adapter "
+        "applies) (default: the index's, else none)",
+    )
 
 
-def index_kv_format(index_dir: Path | None) -> str | None:
-    """The KV format an existing index was built with (None: no index there yet)."""
+def index_settings(index_dir: Path | None) -> dict[str, str | None]:
+    """The KV format and chunk context an existing index was built with (empty: no index there
+    yet; a chunk context of None: built before it was recorded)."""
     if index_dir is None or not (Path(index_dir) / "chunks.sqlite").is_file():
-        return None
+        return {}
     from blendrag.retriever.index_dir import IndexDir
 
     with IndexDir(index_dir) as index:
-        return index.kv_format
+        return {"kv_format": index.kv_format, "chunk_context": index.meta.get("chunk_context")}
 
 
 def load_engine(
@@ -105,19 +113,22 @@ def load_engine(
 ) -> BlendEngine:
     """The engine of ``model`` (None: the bundled one) over ``kv_store`` (None: memory only) with
     the device, dtype and KV arguments of ``args`` (missing ones: the defaults), in the KV format
-    of the index at ``index_dir`` when there is one and ``--kv-format`` gives none."""
+    and chunk context of the index at ``index_dir`` when there is one and the flags give none."""
     from blendrag.engine import BlendEngine
     from blendrag.store import open_store
     from blendrag.store.formats import DEFAULT_FORMAT
 
-    kv_format = getattr(args, "kv_format", None) or index_kv_format(index_dir)
+    built = index_settings(index_dir)
+    kv_format = getattr(args, "kv_format", None) or built.get("kv_format") or DEFAULT_FORMAT
+    chunk_context = getattr(args, "chunk_context", None) or built.get("chunk_context") or "none"
     store = open_store(kv_store or "memory", disk_max_bytes=getattr(args, "kv_max_bytes", None))
     return BlendEngine.from_pretrained(
         model,
         store=store,
         device=args.device,
         dtype=args.dtype,
-        kv_format=kv_format or DEFAULT_FORMAT,
+        chunk_context=chunk_context,
+        kv_format=kv_format,
         adapter=getattr(args, "adapter", "auto"),
     )
 
