@@ -4,8 +4,9 @@ Chunk KV ("segments") is computed once, by this engine's model, and kept in a ``
 (``blendrag.chunk_kv``: keys, lookups). ``chunk_context="none"`` (the default) prefills each
 chunk alone from position 0; ``"prefix"`` prefills it right after the prompt prefix (system
 prompt + instruction), which makes the first chunk of a prompt exact (same tokens, positions and
-context as a full prefill) but leaves blend further from full prefill
-(docs/decisions/0002-chunk-context-none.md). The prefix itself is a segment with an empty context.
+context as a full prefill) and gives the fused prompt one attention sink: without a reuse adapter,
+blend is closer to full prefill so (docs/decisions/0002-chunk-context-none.md). The prefix itself
+is a segment with an empty context.
 """
 
 from __future__ import annotations
