@@ -58,24 +58,25 @@ def _normalize(text: str) -> str:
 
 
 def drop_stale_sample_index(index_dir: Path, engine: BlendEngine) -> None:
-    """The default sample index is the demo's own cache: one built with another model, dtype,
-    reuse adapter, chunk context or KV format (by an earlier version, or an earlier run with other
-    flags) is removed, to be built again, instead of refusing to run."""
+    """The default sample index is the demo's own cache: one that indexing would refuse for this
+    engine (built with another model, dtype, reuse adapter, chunk context or KV format, by an
+    earlier version or an earlier run with other flags) is removed, to be built again, instead of
+    refusing to run."""
     from blendrag.retriever.docstore import DB_NAME
     from blendrag.retriever.index_dir import IndexDir
 
     if not (index_dir / DB_NAME).is_file():
         return
     with IndexDir(index_dir) as index:
-        stale = (
-            index.meta.get("fingerprint") != engine.fingerprint
-            or index.meta.get("chunk_context", engine.chunk_context) != engine.chunk_context
-            or index.kv_format != engine.kv_format.tag
-        )
-    if stale:
-        settings = "model, dtype, reuse adapter, chunk context or KV format"
-        print(f"{index_dir} was built with another {settings}: rebuilding it")
-        shutil.rmtree(index_dir)
+        try:  # the checks build_index makes
+            index.check_fingerprint(engine)
+            index.check_kv_format(engine.kv_format.tag)
+            return
+        except BlendRAGError:
+            pass
+    settings = "model, dtype, reuse adapter, chunk context or KV format"
+    print(f"{index_dir} was built with another {settings}: rebuilding it")
+    shutil.rmtree(index_dir)
 
 
 def run(args: argparse.Namespace) -> None:
