@@ -14,6 +14,7 @@ from blendrag.adapter import ReuseAdapter, resolve_adapter
 from blendrag.cli import main as cli_main
 from blendrag.errors import BlendRAGError
 from blendrag.store import MemoryStore
+from blendrag.store.base import ChunkKV
 from blendrag.tune import (
     ADAPTER_FILE,
     Example,
@@ -118,6 +119,23 @@ def test_an_adapter_round_trips_and_keys_its_own_kv(engine, make, tmp_path):
     a = store.get(adapted.chunk_kv.key(CHUNKS[0]))
     b = store.get(plain.chunk_kv.key(CHUNKS[0]))
     assert a.k.shape == b.k.shape and not torch.equal(a.k, b.k)  # the chunk's KV, changed by the header
+
+
+def test_a_header_of_the_prompt_prefix_computes_the_prefix_chunk_contexts_kv(engine, make):
+    """`blendrag tune --tokens N` starts from the prefix's first N tokens: with N its length, the
+    untrained header computes the chunk KV `chunk_context="prefix"` does (one attention sink)."""
+    prefix_ids = engine.prompt_format.prefix_ids
+
+    def chunk_kv(chunk_engine: BlendEngine) -> ChunkKV:
+        chunk_engine.precompute(CHUNKS[:1])
+        return chunk_engine.store.get(chunk_engine.chunk_kv.key(CHUNKS[0]))
+
+    after_prefix = chunk_kv(make(chunk_context="prefix"))
+    after_header = chunk_kv(make(adapter=ReuseAdapter.from_token_embeddings(engine.model, prefix_ids)))
+    torch.testing.assert_close(after_header.k, after_prefix.k, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(after_header.v, after_prefix.v, atol=1e-4, rtol=1e-4)
+    shorter = chunk_kv(make(adapter=ReuseAdapter.from_token_embeddings(engine.model, prefix_ids[:-1])))
+    assert not torch.allclose(shorter.v, after_prefix.v, atol=1e-3)
 
 
 def test_a_bad_adapter_is_one_clear_error(engine, make, tmp_path):
