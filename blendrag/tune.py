@@ -48,7 +48,7 @@ class Example:
 
 @dataclass
 class TuneSettings:
-    n_tokens: int = 4  # header vectors
+    n_tokens: int | None = None  # header vectors; None: as many as the prompt prefix has
     answer_tokens: int = 16  # of the teacher's greedy answer, the positions distilled
     lr: float = 3e-3
     minutes: float = 30.0  # time budget; training stops at the first step past it
@@ -202,6 +202,7 @@ def tune(
         raise BlendRAGError("tune trains an adapter for the bare model: load the engine without one")
     if not train or not val:
         raise BlendRAGError("tune needs training prompts and at least one validation prompt")
+    initial = None if resume else _initial_header(engine, settings.n_tokens)
     began = time.perf_counter()  # the budget counts the first validation too
     out_dir.mkdir(parents=True, exist_ok=True)
     teachers = TeacherCache(engine, out_dir / TEACHER_DIR, settings.answer_tokens)
@@ -212,10 +213,7 @@ def tune(
         state = torch.load(state_path)
         adapter = ReuseAdapter(state["header"]).to(engine.device)
     else:
-        # The header starts as the prompt's own first tokens (the system prompt's start): each
-        # chunk is computed after the kind of start a whole prompt has.
-        init = engine.prompt_format.prefix_ids[: settings.n_tokens]
-        adapter = ReuseAdapter.from_token_embeddings(engine.model, init).to(engine.device)
+        adapter = initial
         bare = ReuseAdapter(engine.model.embed_tokens.weight.new_zeros(0, engine.model.args.dim))
         state = {
             "step": 0,
@@ -264,6 +262,20 @@ def tune(
         checkpoint()
     best = min(h["val_loss"] for h in state["history"])
     return TuneResult(state["step"], best, state["no_adapter"], state["history"])
+
+
+def _initial_header(engine: BlendEngine, n_tokens: int | None) -> ReuseAdapter:
+    """The header training starts from: the embeddings of the prompt prefix's first ``n_tokens``
+    tokens (all of them when None). The whole prefix is exactly ``chunk_context="prefix"``, one
+    attention sink as in a full prefill, so training starts where that stands and moves on."""
+    prefix = engine.prompt_format.prefix_ids
+    if n_tokens is not None and n_tokens > len(prefix):
+        raise BlendRAGError(
+            f"a header of {n_tokens} vectors: it starts as the prompt prefix's tokens, and the "
+            f"prefix has {len(prefix)}"
+        )
+    ids = prefix if n_tokens is None else prefix[:n_tokens]
+    return ReuseAdapter.from_token_embeddings(engine.model, ids).to(engine.device)
 
 
 def _over(settings: TuneSettings, step: int, seconds: float) -> bool:

@@ -163,6 +163,18 @@ def test_tune_lowers_the_loss_checkpoints_and_resumes(engine, tmp_path):
     assert resumed.no_adapter_val_loss == result.no_adapter_val_loss
 
 
+def test_the_header_starts_as_the_whole_prompt_prefix(engine, tmp_path):
+    examples = [Example(CHUNKS, QUESTION), Example(CHUNKS[::-1], QUESTION)]
+    tune(engine, examples[:1], examples[1:], tmp_path / "a", TuneSettings(answer_tokens=3, max_steps=0))
+    prefix_ids = engine.prompt_format.prefix_ids
+    expected = ReuseAdapter.from_token_embeddings(engine.model, prefix_ids)
+    assert ReuseAdapter.load(tmp_path / "a" / ADAPTER_FILE).digest() == expected.digest()
+    too_long = TuneSettings(n_tokens=len(prefix_ids) + 1, max_steps=0)
+    with pytest.raises(BlendRAGError, match=f"the prefix has {len(prefix_ids)}"):
+        tune(engine, examples[:1], examples[1:], tmp_path / "b", too_long)
+    assert not (tmp_path / "b").exists()
+
+
 def test_blendrag_tune_runs_end_to_end(tiny_dirs, tmp_path, capsys):
     data = [
         {"question": f"What did the keeper log, {i}?", "ctxs": [{"title": "Cape", "text": c} for c in CHUNKS]}

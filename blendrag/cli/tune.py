@@ -32,7 +32,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--chunk-chars", type=common.positive_int, default=1000, help="characters per passage (default 1000)"
     )
-    p.add_argument("--tokens", type=common.positive_int, default=4, help="header vectors (default 4)")
+    p.add_argument(
+        "--tokens",
+        type=common.positive_int,
+        help="header vectors, started as the prompt prefix's first TOKENS tokens (default: all of them)",
+    )
     p.add_argument(
         "--answer-tokens",
         type=common.positive_int,
