@@ -4,7 +4,9 @@ first-token KL, one line per blend configuration across its recompute ratios.
     python -m eval.frontier runs/fid-frontier.json --floors runs/fid-floors.json --out frontier.png
 
 The report (``eval.fidelity --out``) must hold a ``full`` variant: a variant's speedup is the
-median over questions of full's TTFT divided by its own, from the same run. Noise-floor rows
+median over questions of full's TTFT divided by its own, from the same run. ``--beside
+LABEL=REPORT`` (repeatable) draws another run's configurations too (another ``--chunk-context``,
+say), as ``LABEL:SPEC``, each timed against that run's own ``full``. Noise-floor rows
 (``eval.fidelity --floors``, of this report or of ``--floors`` reports) are drawn as horizontal
 lines at their mean KL.
 """
@@ -24,15 +26,24 @@ from matplotlib.figure import Figure
 from eval.noise_floor import FLOORS
 
 
-def points(records: list[dict[str, Any]]) -> dict[str, tuple[float, float]]:
-    """Each variant but full: (median per-question TTFT speedup over full, mean first-token KL)."""
+def points(records: list[dict[str, Any]], label: str = "") -> dict[str, tuple[float, float]]:
+    """Each variant but full: (median per-question TTFT speedup over full, mean first-token KL),
+    named ``LABEL:NAME`` when a label is given."""
     names = [n for n in records[0]["results"] if n != "full" and n not in FLOORS]
     out = {}
     for name in names:
         ratios = [r["results"]["full"]["ttft_s"] / r["results"][name]["ttft_s"] for r in records]
         kl = statistics.fmean(r["results"][name]["kl_first"] for r in records)
-        out[name] = (statistics.median(ratios), kl)
+        out[f"{label}:{name}" if label else name] = (statistics.median(ratios), kl)
     return out
+
+
+def load_report(path: Path) -> dict[str, Any]:
+    """An eval.fidelity report with a full variant to time the others against."""
+    report = json.loads(path.read_text())
+    if not report["records"] or "full" not in report["records"][0]["results"]:
+        raise ValueError(f"{path}: no full variant to time the others against")
+    return report
 
 
 def floor_levels(reports: list[dict[str, Any]]) -> dict[str, float]:
@@ -85,6 +96,12 @@ def plot(
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m eval.frontier", description=__doc__.splitlines()[0])
     p.add_argument("report", type=Path, help="an eval.fidelity --out report with a full variant")
+    p.add_argument(
+        "--beside",
+        action="append",
+        default=[],
+        help="LABEL=REPORT: another run with its own full variant, drawn as LABEL:SPEC",
+    )
     p.add_argument("--floors", type=Path, nargs="*", default=[], help="reports with noise-floor rows")
     p.add_argument("--show-floors", default="", help="comma-separated floor names to draw (default: all)")
     p.add_argument("--title", default="")
@@ -97,13 +114,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
     try:
-        report = json.loads(args.report.read_text())
+        report = load_report(args.report)
+        frontier = points(report["records"])
+        for spec in args.beside:
+            label, eq, path = spec.partition("=")
+            if not (label and eq and path):
+                raise ValueError(f"--beside {spec}: expected LABEL=REPORT")
+            frontier |= points(load_report(Path(path))["records"], label)
         extra = [json.loads(path.read_text()) for path in args.floors]
-        if not report["records"] or "full" not in report["records"][0]["results"]:
-            raise ValueError(f"{args.report}: no full variant to time the others against")
     except (OSError, ValueError, KeyError) as err:
         raise SystemExit(f"error: {err}") from None
-    frontier = points(report["records"])
     labels = dict(label.rpartition("=")[::2] for label in args.label)
     floors = floor_levels([report, *extra])
     if args.show_floors:

@@ -28,6 +28,19 @@ def test_speedup_is_the_median_per_question_ratio_and_kl_the_mean(tmp_path, caps
     assert "6.00x  KL 0.0300" in capsys.readouterr().out
 
 
+def test_a_run_beside_is_timed_against_its_own_full(tmp_path, capsys):
+    main, other = tmp_path / "main.json", tmp_path / "other.json"
+    main.write_text(json.dumps({"records": [record(4.0, 1.0, 0.01)], "summary": []}))
+    other.write_text(json.dumps({"records": [record(9.0, 1.0, 0.02)], "summary": []}))
+    out = tmp_path / "frontier.png"
+    assert frontier.main([str(main), "--beside", f"sink={other}", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "preview@0.15" in printed and "4.00x  KL 0.0100" in printed
+    assert "sink:preview@0.15" in printed and "9.00x  KL 0.0200" in printed
+    with pytest.raises(SystemExit, match="expected LABEL=REPORT"):
+        frontier.main([str(main), "--beside", str(other), "--out", str(out)])
+
+
 def test_a_report_without_full_is_one_line(tmp_path):
     report = tmp_path / "fid.json"
     report.write_text(json.dumps({"records": [{"results": {"reuse": {}}}], "summary": []}))
