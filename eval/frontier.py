@@ -23,6 +23,7 @@ from typing import Any
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from eval.merge import beside_spec
 from eval.noise_floor import FLOORS
 
 
@@ -117,10 +118,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         report = load_report(args.report)
         frontier = points(report["records"])
         for spec in args.beside:
-            label, eq, path = spec.partition("=")
-            if not (label and eq and path):
-                raise ValueError(f"--beside {spec}: expected LABEL=REPORT")
-            frontier |= points(load_report(Path(path))["records"], label)
+            label, path = beside_spec(spec, "REPORT")
+            frontier |= points(load_report(path)["records"], label)
         extra = [json.loads(path.read_text()) for path in args.floors]
     except (OSError, ValueError, KeyError) as err:
         raise SystemExit(f"error: {err}") from None

@@ -106,6 +106,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def beside_spec(spec: str, what: str = "PART") -> tuple[str, Path]:
+    """``LABEL=PATH``, the value of a ``--beside`` flag (here and in ``eval.frontier``)."""
+    label, sep, path = spec.partition("=")
+    if not (label and sep and path):
+        raise ValueError(f"--beside {spec}: expected LABEL={what}")
+    return label, Path(path)
+
+
 def merge_files(paths: Sequence[Path]) -> dict[str, Any]:
     return merge([json.loads(path.read_text()) for path in paths])
 
@@ -115,10 +123,8 @@ def merged_with_beside(args: argparse.Namespace) -> dict[str, Any]:
     merged = merge_files(args.parts)
     others: dict[str, list[Path]] = {}
     for spec in args.beside:
-        label, sep, path = spec.partition("=")
-        if not sep or not label:
-            raise ValueError(f"--beside {spec}: expected LABEL=PART")
-        others.setdefault(label, []).append(Path(path))
+        label, path = beside_spec(spec)
+        others.setdefault(label, []).append(path)
     for label, paths in others.items():
         merged = beside(merged, label, merge_files(paths))
     return merged
