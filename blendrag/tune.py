@@ -202,7 +202,8 @@ def tune(
         raise BlendRAGError("tune trains an adapter for the bare model: load the engine without one")
     if not train or not val:
         raise BlendRAGError("tune needs training prompts and at least one validation prompt")
-    initial = None if resume else _initial_header(engine, settings.n_tokens)
+    # A fresh header is made (and its settings checked) before anything is written.
+    adapter = None if resume else _initial_header(engine, settings.n_tokens)
     began = time.perf_counter()  # the budget counts the first validation too
     out_dir.mkdir(parents=True, exist_ok=True)
     teachers = TeacherCache(engine, out_dir / TEACHER_DIR, settings.answer_tokens)
@@ -213,7 +214,6 @@ def tune(
         state = torch.load(state_path)
         adapter = ReuseAdapter(state["header"]).to(engine.device)
     else:
-        adapter = initial
         bare = ReuseAdapter(engine.model.embed_tokens.weight.new_zeros(0, engine.model.args.dim))
         state = {
             "step": 0,
