@@ -19,6 +19,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import zip_longest
 from pathlib import Path
 
 import torch
@@ -73,6 +74,12 @@ def load_examples(path: Path, n_chunks: int, chunk_chars: int) -> list[Example]:
         Example([_passage(ctx)[:chunk_chars] for ctx in it["ctxs"][:n_chunks]], it["question"])
         for it in items
     ]
+
+
+def in_turn(lists: list[list[Example]]) -> list[Example]:
+    """One prompt of each list in turn until all are used: the first prompts, which validate,
+    and every stretch of training draw on each list, however different their lengths."""
+    return [ex for group in zip_longest(*lists) for ex in group if ex is not None]
 
 
 def _passage(ctx: dict) -> str:

@@ -21,6 +21,7 @@ from blendrag.tune import (
     TuneSettings,
     compute_teacher,
     distillation_loss,
+    in_turn,
     load_examples,
     student_log_probs,
     tune,
@@ -197,6 +198,12 @@ def test_blendrag_tune_runs_end_to_end(tiny_dirs, tmp_path, capsys):
     assert report["steps"] == 3 and report["no_adapter_val_loss"] > 0
     assert cli_main([*args, "--val", "9", "--steps", "3"]) == 2  # no prompt left to train on
     assert "blendrag: error:" in capsys.readouterr().err
+
+
+def test_prompts_of_several_files_are_taken_in_turn():
+    a, b = [Example([f"a{i}"], "q") for i in range(3)], [Example(["b0"], "q")]
+    assert [ex.chunks[0] for ex in in_turn([a, b])] == ["a0", "b0", "a1", "a2"]
+    assert in_turn([a]) == a
 
 
 def test_load_examples_reads_the_eval_format_and_refuses_others(tmp_path):

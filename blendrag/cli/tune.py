@@ -20,7 +20,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "blending matches full prefill's next-token distributions on your prompts. No labels: the "
         "model's own full-prefill answers are the targets. Use it with --adapter OUT/adapter.safetensors.",
     )
-    p.add_argument("--data", type=Path, action="append", required=True, help="JSON list of {question, ctxs}")
+    p.add_argument(
+        "--data",
+        type=Path,
+        action="append",
+        required=True,
+        help="JSON list of {question, ctxs}; repeatable: prompts are taken from the files in turn, "
+        "so validation and training draw on each",
+    )
     p.add_argument("--out", type=Path, required=True, help="directory for the adapter and checkpoints")
     p.add_argument("--model", help="local checkpoint directory (default: the bundled model)")
     p.add_argument("--skip", type=int, default=0, help="skip the first SKIP prompts of each file (held out)")
@@ -56,12 +63,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
-    from blendrag.tune import ADAPTER_FILE, TuneSettings, load_examples, tune
+    from blendrag.tune import ADAPTER_FILE, TuneSettings, in_turn, load_examples, tune
 
-    examples = []
+    per_file = []
     for path in args.data:
         found = load_examples(path, args.chunks, args.chunk_chars)[args.skip :]
-        examples += found[: args.limit] if args.limit else found
+        per_file.append(found[: args.limit] if args.limit else found)
+    examples = in_turn(per_file)
     val, train = examples[: args.val], examples[args.val :]
     if not train:
         raise BlendRAGError(
