@@ -249,7 +249,7 @@ def test_an_index_built_with_an_adapter_is_queried_with_it(engine, tiny_dirs, tm
 
 def test_the_bundled_adapter_ships_for_the_bundled_model_only(make):
     bundled = ReuseAdapter.load("bundled")
-    assert bundled.n_tokens == 4 and bundled.header.shape[1] == 576  # SmolLM2-135M's width
+    assert bundled.n_tokens == 50 and bundled.header.shape[1] == 576  # SmolLM2-135M's width
     with pytest.raises(BlendRAGError, match="another model"):
         make(adapter="bundled")
     assert make().adapter is None  # "auto", the default: no adapter for a model it was not trained for
