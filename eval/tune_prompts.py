@@ -23,9 +23,7 @@ def training_prompts(card: dict[str, Any], data_dir: Path) -> list[dict[str, Any
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(prog="python -m eval.tune_prompts", description=__doc__.split("\n\n")[0])
     parser.add_argument("card", type=Path, help="an adapter's card (JSON with a prompts list)")
     parser.add_argument("--data-dir", type=Path, default=Path("../shared/data"))
     parser.add_argument("--out", type=Path, required=True)
