@@ -28,7 +28,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--data-dir", type=Path, default=Path("../shared/data"))
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
-    prompts = training_prompts(json.loads(args.card.read_text()), args.data_dir)
+    try:
+        prompts = training_prompts(json.loads(args.card.read_text()), args.data_dir)
+    except (OSError, ValueError, KeyError, IndexError, TypeError) as err:
+        parser.error(f"{args.card}: {type(err).__name__}: {err}")  # one line, exit 2
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(prompts))
     print(f"{args.out}: {len(prompts)} prompts")

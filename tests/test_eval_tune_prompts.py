@@ -3,13 +3,15 @@
 import json
 from pathlib import Path
 
+import pytest
+
 from blendrag.adapter import ReuseAdapter
 from eval import tune_prompts
 
 ADAPTERS = Path(__file__).resolve().parents[1] / "blendrag" / "adapters"
 
 
-def test_prompts_come_from_their_files_in_the_cards_order(tmp_path):
+def test_prompts_come_from_their_files_in_the_cards_order(tmp_path, capsys):
     for name in ("a.json", "b.json"):
         items = [{"question": f"{name} {i}", "ctxs": [{"text": "t"}]} for i in range(3)]
         (tmp_path / name).write_text(json.dumps(items))
@@ -18,6 +20,10 @@ def test_prompts_come_from_their_files_in_the_cards_order(tmp_path):
     out = tmp_path / "out" / "prompts.json"
     tune_prompts.main([str(card), "--data-dir", str(tmp_path), "--out", str(out)])
     assert [p["question"] for p in json.loads(out.read_text())] == ["b.json 2", "a.json 0", "b.json 0"]
+    card.write_text(json.dumps({"prompts": [["missing.json", 0]]}))
+    with pytest.raises(SystemExit) as exit_:
+        tune_prompts.main([str(card), "--data-dir", str(tmp_path), "--out", str(out)])
+    assert exit_.value.code == 2 and "missing.json" in capsys.readouterr().err
 
 
 def test_the_bundled_adapter_never_saw_the_held_out_questions():
