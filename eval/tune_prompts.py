@@ -15,6 +15,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from harness.report import write_json
+
 
 def training_prompts(card: dict[str, Any], data_dir: Path) -> list[dict[str, Any]]:
     """The card's prompts, each read from its file (each file read once)."""
@@ -32,8 +34,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         prompts = training_prompts(json.loads(args.card.read_text()), args.data_dir)
     except (OSError, ValueError, KeyError, IndexError, TypeError) as err:
         parser.error(f"{args.card}: {type(err).__name__}: {err}")  # one line, exit 2
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(prompts))
+    write_json(args.out, prompts)
     print(f"{args.out}: {len(prompts)} prompts")
 
 
